@@ -1,0 +1,306 @@
+"""Memory-bounded ("fused linear") losses: hidden states and output heads in, no full logits.
+
+Materialising ``[tokens, vocab]`` logits of both models dominates the memory of a KD step
+(vocab is 49k to 152k). These functions take the final hidden states ``[N, H]`` and output-head
+weights ``[H, V]`` and walk the tokens in chunks: per chunk they form the logits, the loss and,
+when differentiated, the gradients with respect to the student's hidden states and head, so that
+no more than ``chunk_size x V`` logits exist at once, forward and backward. The gradients are
+computed during the forward sweep (one matmul pass, as in Liger-Kernel) and scaled by the
+incoming cotangent in the backward pass.
+
+Because the gradients are formed in the forward sweep, these functions return the *reduced*
+loss ``sum_i weights_i * loss_i`` (by default the masked token mean), plus the per-token values
+as a detached array for metrics. The teacher's inputs are constants (no gradient flows into
+them), as in every distillation recipe. Values and student gradients equal the unfused form.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jkd.losses import _common
+from jkd.losses import divergences
+from jkd.losses import sparse
+from jkd.losses import tokens
+
+Array = jax.Array
+PyTree = Any
+
+#: Default number of tokens per chunk: ``chunk_size x vocab`` float32 logits per live array.
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _matmul(hidden: Array, head: Array) -> Array:
+  return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
+           shared: PyTree, weights: Array, chunk_size: int, with_grads: bool):
+  """Walks the ``[N, H]`` hidden states in chunks. Returns (loss, values, grads or None)."""
+  n = hidden.shape[0]
+  n_chunks = -(-n // chunk_size)
+  pad = n_chunks * chunk_size - n
+
+  def chunked(x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+    return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+
+  xs = (chunked(hidden), jax.tree.map(chunked, token_inputs), chunked(weights))
+
+  def body(grad_head, chunk):
+    h, tok, w = chunk
+    if not with_grads:
+      return grad_head, (token_fn(_matmul(h, head), tok, shared), None)
+    logits, matmul_vjp = jax.vjp(_matmul, h, head)
+    values, loss_vjp = jax.vjp(lambda z: token_fn(z, tok, shared), logits)
+    (grad_logits,) = loss_vjp(w.astype(values.dtype))
+    grad_h, grad_w = matmul_vjp(grad_logits)
+    return grad_head + grad_w.astype(jnp.float32), (values, grad_h)
+
+  init = jnp.zeros(head.shape, jnp.float32) if with_grads else None
+  grad_head, (values, grad_hidden) = jax.lax.scan(body, init, xs)
+  values = values.reshape(-1)[:n]
+  loss = jnp.sum(values * weights)
+  if not with_grads:
+    return loss, values, None
+  grad_hidden = grad_hidden.reshape((-1,) + hidden.shape[1:])[:n]
+  return loss, values, (grad_hidden, grad_head.astype(head.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _fused(token_fn, hidden, head, token_inputs, shared, weights, chunk_size):
+  loss, values, _ = _sweep(token_fn, hidden, head, token_inputs, shared, weights, chunk_size,
+                           with_grads=False)
+  return loss, values
+
+
+def _fused_fwd(token_fn, hidden, head, token_inputs, shared, weights, chunk_size):
+  loss, values, grads = _sweep(token_fn, hidden, head, token_inputs, shared, weights,
+                               chunk_size, with_grads=True)
+  return (loss, values), (grads, values)
+
+
+def _fused_bwd(token_fn, chunk_size, residuals, cotangents):
+  del token_fn, chunk_size
+  (grad_hidden, grad_head), values = residuals
+  g_loss, _ = cotangents  # The per-token values are returned detached (see module docstring).
+  return (g_loss * grad_hidden.astype(jnp.float32)).astype(grad_hidden.dtype), \
+         (g_loss * grad_head.astype(jnp.float32)).astype(grad_head.dtype), \
+         None, None, g_loss * values
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def chunked_linear_loss(token_fn: Callable[[Array, PyTree, PyTree], Array], hidden: Array,
+                        head: Array, token_inputs: PyTree, *, shared: PyTree = None,
+                        weights: Array, chunk_size: int = DEFAULT_CHUNK_SIZE
+                        ) -> tuple[Array, Array]:
+  """The building block: ``sum_i weights_i * token_fn(hidden_i @ head, inputs_i, shared)``.
+
+  Args:
+    token_fn: ``(logits [c, V] float32, token_inputs chunk, shared) -> [c]`` per-token losses;
+      a fixed (non-closure over traced values) function.
+    hidden: ``[N, H]`` hidden states (differentiable).
+    head: ``[H, V]`` output-head weights (differentiable).
+    token_inputs: pytree of ``[N, ...]`` arrays cut into chunks with ``hidden`` (constants).
+    shared: pytree of arrays every chunk sees, e.g. the teacher's head (constants).
+    weights: ``[N]`` per-token weights of the sum (differentiable).
+    chunk_size: tokens per chunk.
+
+  Returns:
+    ``(loss, values)``: the weighted sum and the detached per-token values ``[N]``.
+  """
+  if not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r}).")
+  hidden = _common.check_float_array(hidden, "hidden")
+  head = _common.check_float_array(head, "head")
+  if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[0]:
+    raise ValueError(f"hidden {hidden.shape} and head {head.shape} must be [N, H] and [H, V].")
+  chunk_size = min(chunk_size, max(hidden.shape[0], 1))
+  token_inputs = jax.tree.map(jax.lax.stop_gradient, token_inputs)
+  shared = jax.tree.map(jax.lax.stop_gradient, shared)
+  loss, values = _fused(token_fn, hidden, head, token_inputs, shared,
+                        jnp.asarray(weights, jnp.float32), chunk_size)
+  return loss, jax.lax.stop_gradient(values)
+
+
+def _flatten(hidden: Array, head: Array, where: Any, weights: Any, name: str):
+  """Validates shapes, flattens leading axes and builds the weights (masked mean default)."""
+  hidden = _common.check_float_array(hidden, f"{name}hidden")
+  head = _common.check_float_array(head, f"{name}head")
+  if head.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != head.shape[0]:
+    raise ValueError(
+        f"{name}hidden {hidden.shape} and {name}head {head.shape} must be [..., H] and [H, V]"
+        " with the same H (pass the output-embedding matrix transposed for tied embeddings).")
+  lead = hidden.shape[:-1]
+  where = _common.check_where(where, lead)
+  mask = jnp.ones(lead, jnp.bool_) if where is None else where
+  if weights is None:
+    weights = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1)
+  else:
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape != lead:
+      raise ValueError(f"weights shape {weights.shape} must be the positions' shape {lead}.")
+    weights = jnp.where(mask, weights, 0.0)
+  return hidden.reshape(-1, hidden.shape[-1]), head, mask.reshape(-1), weights.reshape(-1), lead
+
+
+def _divergence_fn(core, static_options, temperature, logits, tok, shared):
+  teacher_logits = _matmul(tok["teacher_hidden"], shared["teacher_head"])
+  log_q = _common.log_softmax_t(logits, temperature)
+  log_p = _common.log_softmax_t(teacher_logits, temperature)
+  values = core(log_q, log_p, **static_options, **shared["options"]) * temperature ** 2
+  return jnp.where(tok["where"], values, 0.0)
+
+
+def _split_options(core, options):
+  static = {k: v for k, v in options.items() if isinstance(v, (int, float))}
+  arrays = {k: v for k, v in options.items() if k not in static}
+  return static, arrays
+
+
+def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_hidden: Array,
+                            teacher_head: Array, *, divergence: str = "forward_kl",
+                            temperature: float = 1.0, where: Array | None = None,
+                            weights: Array | None = None,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            **options: Any) -> tuple[Array, Array]:
+  r"""A token-level divergence from hidden states and heads, chunked over tokens.
+
+  Computes ``sum_i w_i D(softmax(h_s,i W_s / T), softmax(h_t,i W_t / T)) * T**2`` where ``D``
+  is the named divergence, without materialising more than ``chunk_size x V`` logits.
+
+  Args:
+    student_hidden: ``[..., Hs]`` final hidden states of the student (after the final norm).
+    student_head: ``[Hs, V]`` student output head (``embedding.T`` when tied).
+    teacher_hidden: ``[..., Ht]`` teacher final hidden states (constant).
+    teacher_head: ``[Ht, V]`` teacher output head (constant).
+    divergence: a name from :data:`jkd.losses.divergences.CORES` (``forward_kl``,
+      ``generalized_jsd``, ...).
+    temperature: ``T > 0``.
+    where: optional boolean ``[...]`` of the counted positions.
+    weights: optional ``[...]`` per-position weights; default: the masked token mean
+      (``where / count``). Per-sequence means are ``where / length / batch``.
+    chunk_size: tokens per chunk (memory ~ ``chunk_size x V`` floats per live array).
+    **options: the divergence's options (``beta``, ``alpha``, ``mu``, ``t``).
+
+  Returns:
+    ``(loss, per_token)``: the scalar weighted loss (differentiable in the student's hidden
+    states and head, and in ``weights``), and the detached per-position values ``[...]``.
+
+  References: Liger-Kernel's fused linear JSD (chunked); METHODS.md section 4.
+
+  >>> import jax, jax.numpy as jnp
+  >>> h = jax.random.normal(jax.random.key(0), (6, 4)); w = jnp.ones((4, 10))
+  >>> loss, per_token = fused_linear_divergence(h, w, h, w, chunk_size=4)
+  >>> float(loss), per_token.shape
+  (0.0, (6,))
+  """
+  core, options = divergences.resolve_core(divergence, options)
+  temperature = _common.check_temperature(temperature)
+  hs, ws, mask, w, lead = _flatten(student_hidden, student_head, where, weights, "student_")
+  teacher_hidden = _common.check_float_array(teacher_hidden, "teacher_hidden")
+  teacher_head = _common.check_float_array(teacher_head, "teacher_head")
+  if teacher_hidden.shape[:-1] != lead:
+    raise ValueError(f"teacher_hidden positions {teacher_hidden.shape[:-1]} != student's {lead}.")
+  if teacher_head.ndim != 2 or teacher_head.shape[0] != teacher_hidden.shape[-1]:
+    raise ValueError(f"teacher_head {teacher_head.shape} must be [{teacher_hidden.shape[-1]}, V].")
+  if teacher_head.shape[1] != ws.shape[1]:
+    raise ValueError(
+        f"teacher vocab {teacher_head.shape[1]} != student vocab {ws.shape[1]}: the models must"
+        " share a tokenizer for token-level distillation.")
+  static, arrays = _split_options(core, options)
+  fn = functools.partial(_divergence_fn, core, static, temperature)
+  token_inputs = {"teacher_hidden": teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+                  "where": mask}
+  shared = {"teacher_head": teacher_head, "options": arrays}
+  loss, values = chunked_linear_loss(fn, hs, ws, token_inputs, shared=shared, weights=w,
+                                     chunk_size=chunk_size)
+  return loss, values.reshape(lead)
+
+
+def _sparse_fn(core, static_options, temperature, tail, logits, tok, shared):
+  student, teacher = sparse.sparse_bins(
+      logits, tok["teacher_ids"], tok["teacher_logprobs"], tail=tail,
+      teacher_tail_logprob=tok.get("teacher_tail_logprob"), temperature=temperature)
+  values = core(student, teacher, **static_options, **shared["options"]) * temperature ** 2
+  return jnp.where(tok["where"], values, 0.0)
+
+
+def fused_linear_sparse_divergence(student_hidden: Array, student_head: Array,
+                                   teacher_ids: Array, teacher_logprobs: Array, *,
+                                   divergence: str = "forward_kl", tail: bool = True,
+                                   teacher_tail_logprob: Array | None = None,
+                                   temperature: float = 1.0, where: Array | None = None,
+                                   weights: Array | None = None,
+                                   chunk_size: int = DEFAULT_CHUNK_SIZE,
+                                   **options: Any) -> tuple[Array, Array]:
+  """:func:`jkd.losses.sparse_divergence` from the student's hidden states and head, chunked.
+
+  The offline-cache form: the teacher is its stored top-k ids and log-probs ``[..., k]``.
+  Arguments and returns as :func:`fused_linear_divergence` and
+  :func:`jkd.losses.sparse_divergence`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> h = jnp.ones((3, 4)); w = jnp.zeros((4, 5))
+  >>> ids = jnp.tile(jnp.arange(5), (3, 1)); lp = jnp.full((3, 5), -jnp.log(5.0))
+  >>> round(float(fused_linear_sparse_divergence(h, w, ids, lp)[0]), 6)
+  0.0
+  """
+  core, options = divergences.resolve_core(divergence, options)
+  temperature = _common.check_temperature(temperature)
+  hs, ws, mask, w, lead = _flatten(student_hidden, student_head, where, weights, "student_")
+  # Validate the sparse inputs once, on a zero-cost abstract evaluation of the bins.
+  jax.eval_shape(lambda i, l: sparse.sparse_bins(jnp.zeros(lead + (ws.shape[1],)), i, l,
+                                                 tail=tail, temperature=temperature),
+                 teacher_ids, teacher_logprobs)
+  _common.check_ids(teacher_ids, ws.shape[1], "teacher_ids")
+  k = jnp.shape(teacher_ids)[-1]
+  token_inputs = {"teacher_ids": jnp.asarray(teacher_ids).reshape(-1, k).astype(jnp.int32),
+                  "teacher_logprobs": jnp.asarray(teacher_logprobs).reshape(-1, k),
+                  "where": mask}
+  if teacher_tail_logprob is not None:
+    token_inputs["teacher_tail_logprob"] = jnp.asarray(teacher_tail_logprob).reshape(-1)
+  static, arrays = _split_options(core, options)
+  fn = functools.partial(_sparse_fn, core, static, temperature, tail)
+  loss, values = chunked_linear_loss(fn, hs, ws, token_inputs, shared={"options": arrays},
+                                     weights=w, chunk_size=chunk_size)
+  return loss, values.reshape(lead)
+
+
+def _cross_entropy_fn(ignore_index, logits, tok, shared):
+  del shared
+  return tokens.cross_entropy(logits, tok["labels"], ignore_index=ignore_index,
+                              where=tok["where"])
+
+
+def fused_linear_cross_entropy(hidden: Array, head: Array, labels: Array, *,
+                               ignore_index: int = tokens.IGNORE_INDEX,
+                               where: Array | None = None, weights: Array | None = None,
+                               chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+  """Cross-entropy against labels from hidden states and head, chunked over tokens.
+
+  Default reduction: the mean over counted tokens (``labels != ignore_index`` and ``where``).
+
+  Returns:
+    ``(loss, per_token_ce)`` as :func:`fused_linear_divergence`.
+
+  >>> import jax.numpy as jnp
+  >>> loss, _ = fused_linear_cross_entropy(jnp.ones((2, 3)), jnp.zeros((3, 4)), jnp.array([1, 2]))
+  >>> round(float(loss), 4)  # log 4
+  1.3863
+  """
+  labels = jnp.asarray(labels)
+  mask = tokens.label_mask(labels, ignore_index=ignore_index, where=where)
+  hs, ws, mask, w, lead = _flatten(hidden, head, mask, weights, "")
+  _common.check_ids(labels, ws.shape[1], "labels", ignore_index=ignore_index)
+  fn = functools.partial(_cross_entropy_fn, ignore_index)
+  loss, values = chunked_linear_loss(
+      fn, hs, ws, {"labels": labels.reshape(-1), "where": mask}, weights=w,
+      chunk_size=chunk_size)
+  return loss, values.reshape(lead)
