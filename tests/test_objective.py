@@ -146,3 +146,22 @@ def test_missing_inputs_names_them(batch):
   with pytest.raises(ValueError, match="teacher vocab 7 != student vocab 13"):
     obj({"student_logits": batch["student_logits"],
          "teacher_logits": batch["teacher_logits"][..., :7]})
+
+
+def test_feature_terms_route_and_match_numpy(batch):
+  k = jax.random.split(jax.random.key(5), 4)
+  s = [jax.random.normal(k[i], (2, 5, 6)) for i in range(2)]
+  t = [jax.random.normal(jax.random.fold_in(k[2], i), (2, 5, 6)) for i in range(4)]
+  inputs = dict(student_hiddens=s, teacher_hiddens=t, labels=batch["labels"],
+                where=batch["where"], student_logits=batch["student_logits"],
+                teacher_logits=batch["teacher_logits"])
+  obj = losses.build_objective({"hidden_state": {"layer_map": "uniform"},
+                                "sinkhorn": {"weight": 0.5}})
+  total, metrics = jax.jit(lambda x: obj(x))(inputs)
+  mask = (batch["labels"] != -100) & batch["where"]
+  # uniform_layer_map(2, 4) pairs student 0 with teacher 1 and student 1 with teacher 3.
+  mse = lambda a, b: np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, -1)
+  expect = ((mse(s[0], t[1]) + mse(s[1], t[3])) / 2)[mask].mean()
+  np.testing.assert_allclose(metrics["loss/hidden_state"], expect, rtol=1e-5)
+  assert np.isfinite(metrics["loss/sinkhorn"]) and float(metrics["loss/sinkhorn"]) > 0
+  np.testing.assert_allclose(total, expect + 0.5 * metrics["loss/sinkhorn"], rtol=1e-5)

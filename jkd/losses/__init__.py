@@ -18,6 +18,17 @@ from jkd.losses.divergences import (
     taid_kl,
     total_variation,
 )
+from jkd.losses.features import (
+    attention_transfer_loss,
+    hidden_state_loss,
+    init_projection,
+    layer_map_hidden_loss,
+    norm_direction_loss,
+    sinkhorn_loss,
+    sinkhorn_plan,
+    token_relation_loss,
+    uniform_layer_map,
+)
 from jkd.losses.fused import (
     DEFAULT_CHUNK_SIZE,
     chunked_linear_loss,

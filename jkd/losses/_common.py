@@ -116,16 +116,33 @@ def check_ids(ids: Any, vocab_size: int, name: str, *, ignore_index: int | None 
   return ids
 
 
+def compute_dtype(dtype: Any) -> Any:
+  """The dtype losses compute in: at least float32 (bf16/f16 are upcast, float64 is kept)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def log_softmax_t(logits: Array, temperature: float) -> Array:
-  """``log_softmax(logits / T)`` computed in float32."""
-  z = logits.astype(jnp.float32)
+  """``log_softmax(logits / T)`` computed in (at least) float32."""
+  z = logits.astype(compute_dtype(logits.dtype))
   if temperature != 1.0:
     z = z / temperature
   return jax.nn.log_softmax(z, axis=-1)
 
 
+def mask_rows(x: Array, where: Array | None, fill: float = 0.0) -> Array:
+  """Replaces the ``[..., n]`` rows of ``x`` at positions where ``where`` is False by ``fill``.
+
+  The first half of the double-where rule: the masked positions' inputs (which may hold
+  anything, e.g. ``-inf`` logits that make a divergence infinite) never reach the math, so they
+  give no NaN in the gradient either; :func:`apply_where` then zeroes their values.
+  """
+  if where is None:
+    return x
+  return jnp.where(where[..., None], x, jnp.asarray(fill, x.dtype))
+
+
 def apply_where(values: Array, where: Array | None) -> Array:
-  """Zeroes ``values`` where ``where`` is False (double-where safe for NaN in masked slots)."""
+  """Zeroes ``values`` where ``where`` is False (pair it with :func:`mask_rows` on the inputs)."""
   if where is None:
     return values
   return jnp.where(where, values, 0.0)

@@ -5,8 +5,9 @@ divergence per position, shape ``logits.shape[:-1]``, zero where ``where`` is Fa
 by ``temperature**2`` (Hinton et al., 2015, so that gradient scale does not depend on ``T``).
 All are true divergences: zero when the two distributions are equal and never negative, up to
 rounding. (Many reference implementations return only the cross-entropy ``-sum p log q``: the
-same gradient, a different value.) Computation is in float32 whatever the input dtype; mixtures
-are formed in log space; banned tokens (``-inf`` logits) give no NaN, in values or gradients.
+same gradient, a different value.) Computation is in float32 whatever the input dtype (float64
+inputs stay float64, e.g. for gradient checks); mixtures are formed in log space; banned tokens
+(``-inf`` logits) give no NaN, in values or gradients.
 
 The math lives in *cores* that act on log-probabilities over the last axis; the same cores serve
 the full form here, the sparse (top-k teacher) form in :mod:`jkd.losses.sparse` and the
@@ -116,9 +117,12 @@ def _check_taid_t(t: Any) -> Any:
     return _common.check_unit_interval(t, "t")
   if isinstance(t, jax.core.Tracer):
     return t
+  if isinstance(t, (str, bytes, bool)) or t is None:
+    raise TypeError(f"t must be a Python number in [0, 1] or a scalar array, got {t!r}.")
   arr = jnp.asarray(t)
   if arr.ndim != 0 and arr.size != 1:
     raise ValueError(f"TAID's t must be a scalar (got shape {arr.shape}).")
+  _common.check_unit_interval(float(arr.reshape(())), "t")
   return arr
 
 
@@ -172,8 +176,8 @@ def full_divergence(divergence: str, student_logits: Any, teacher_logits: Any, *
   zs, zt = _common.check_logits_pair(student_logits, teacher_logits)
   temperature = _common.check_temperature(temperature)
   where = _common.check_where(where, zs.shape[:-1])
-  log_q = _common.log_softmax_t(zs, temperature)
-  log_p = _common.log_softmax_t(zt, temperature)
+  log_q = _common.log_softmax_t(_common.mask_rows(zs, where), temperature)
+  log_p = _common.log_softmax_t(_common.mask_rows(zt, where), temperature)
   values = core(log_q, log_p, **options) * (temperature ** 2)
   return _common.apply_where(values, where)
 

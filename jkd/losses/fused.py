@@ -129,6 +129,56 @@ def chunked_linear_loss(token_fn: Callable[[Array, PyTree, PyTree], Array], hidd
   return loss, jax.lax.stop_gradient(values)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _token_values(token_fn, hidden, head, token_inputs, shared, chunk_size):
+  n = hidden.shape[0]
+  return _sweep(token_fn, hidden, head, token_inputs, shared, jnp.zeros((n,), jnp.float32),
+                chunk_size, with_grads=False)[1]
+
+
+def _token_values_fwd(token_fn, hidden, head, token_inputs, shared, chunk_size):
+  values = _token_values(token_fn, hidden, head, token_inputs, shared, chunk_size)
+  return values, (hidden, head, token_inputs, shared)
+
+
+def _token_values_bwd(token_fn, chunk_size, residuals, g):
+  hidden, head, token_inputs, shared = residuals
+  # The cotangent of each token's value is its weight: one more sweep, recomputing the logits.
+  _, _, (grad_hidden, grad_head) = _sweep(token_fn, hidden, head, token_inputs, shared,
+                                          g.astype(jnp.float32), chunk_size, with_grads=True)
+  return grad_hidden, grad_head, None, None
+
+
+_token_values.defvjp(_token_values_fwd, _token_values_bwd)
+
+
+def chunked_token_values(token_fn: Callable[[Array, PyTree, PyTree], Array], hidden: Array,
+                         head: Array, token_inputs: PyTree, *, shared: PyTree = None,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+  """Per-token values ``token_fn(hidden_i @ head, inputs_i, shared)``, differentiable, chunked.
+
+  Unlike :func:`chunked_linear_loss`, the output is the unreduced ``[N]`` array, for losses that
+  are non-linear in per-token values (e.g. DPO on per-sequence log-probs). The backward pass
+  recomputes each chunk's logits with the incoming per-token cotangents as weights, so memory
+  stays ``O(chunk_size x V)`` at the price of one more head matmul per chunk.
+
+  >>> import jax.numpy as jnp
+  >>> fn = lambda z, tok, shared: jax.nn.logsumexp(z, axis=-1)
+  >>> chunked_token_values(fn, jnp.ones((5, 2)), jnp.zeros((2, 3)), None, chunk_size=2).shape
+  (5,)
+  """
+  if not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r}).")
+  hidden = _common.check_float_array(hidden, "hidden")
+  head = _common.check_float_array(head, "head")
+  if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[0]:
+    raise ValueError(f"hidden {hidden.shape} and head {head.shape} must be [N, H] and [H, V].")
+  chunk_size = min(chunk_size, max(hidden.shape[0], 1))
+  token_inputs = jax.tree.map(jax.lax.stop_gradient, token_inputs)
+  shared = jax.tree.map(jax.lax.stop_gradient, shared)
+  return _token_values(token_fn, hidden, head, token_inputs, shared, chunk_size)
+
+
 def _flatten(hidden: Array, head: Array, where: Any, weights: Any, name: str):
   """Validates shapes, flattens leading axes and builds the weights (masked mean default)."""
   hidden = _common.check_float_array(hidden, f"{name}hidden")
@@ -152,8 +202,8 @@ def _flatten(hidden: Array, head: Array, where: Any, weights: Any, name: str):
 
 def _divergence_fn(core, static_options, temperature, logits, tok, shared):
   teacher_logits = _matmul(tok["teacher_hidden"], shared["teacher_head"])
-  log_q = _common.log_softmax_t(logits, temperature)
-  log_p = _common.log_softmax_t(teacher_logits, temperature)
+  log_q = _common.log_softmax_t(_common.mask_rows(logits, tok["where"]), temperature)
+  log_p = _common.log_softmax_t(_common.mask_rows(teacher_logits, tok["where"]), temperature)
   values = core(log_q, log_p, **static_options, **shared["options"]) * temperature ** 2
   return jnp.where(tok["where"], values, 0.0)
 
@@ -225,9 +275,10 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
 
 
 def _sparse_fn(core, static_options, temperature, tail, logits, tok, shared):
-  student, teacher = sparse.sparse_bins(
-      logits, tok["teacher_ids"], tok["teacher_logprobs"], tail=tail,
-      teacher_tail_logprob=tok.get("teacher_tail_logprob"), temperature=temperature)
+  masked = sparse._mask_inputs(tok["where"], logits, tok["teacher_ids"],
+                               tok["teacher_logprobs"], tok.get("teacher_tail_logprob"))
+  student, teacher = sparse.sparse_bins(*masked[:3], tail=tail, teacher_tail_logprob=masked[3],
+                                        temperature=temperature)
   values = core(student, teacher, **static_options, **shared["options"]) * temperature ** 2
   return jnp.where(tok["where"], values, 0.0)
 

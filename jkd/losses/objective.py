@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from jkd.losses import _common
 from jkd.losses import divergences
+from jkd.losses import features
 from jkd.losses import fused as fused_lib
 from jkd.losses import sparse as sparse_lib
 from jkd.losses import taid as taid_lib
@@ -59,7 +60,8 @@ class LossTerm:
   """A registered loss term.
 
   Attributes:
-    fn: ``fn(inputs, **options) -> scalar`` (stateful terms also receive ``state=``).
+    fn: ``fn(inputs, **options) -> scalar``, or ``(scalar, {metric: value})`` whose extra
+      metrics are logged as ``<term name>/<metric>`` (stateful terms also receive ``state=``).
     needs: input keys the term reads (for error messages), as alternatives: a tuple of tuples.
     init_state: for stateful terms, ``init_state(**options) -> pytree``.
     update_state: ``update_state(state, value, step, **options) -> state``.
@@ -239,11 +241,57 @@ def _cross_entropy_term(inputs, *, label_smoothing: float = 0.0, fused: bool = F
   return tokens.masked_mean(values, mask)
 
 
+def _layer_map(layer_map, n_student: int, n_teacher: int):
+  return features.uniform_layer_map(n_student, n_teacher) if layer_map == "uniform" else layer_map
+
+
+@register_loss_term("hidden_state", needs=(("student_hiddens", "teacher_hiddens"),))
+def _hidden_state_term(inputs, *, layer_map="uniform", metric: str = "mse"):
+  """Mapped per-layer hidden-state distance (projections from ``inputs["projections"]``)."""
+  s, t = inputs["student_hiddens"], inputs["teacher_hiddens"]
+  mask = token_mask(inputs)
+  values = features.layer_map_hidden_loss(
+      s, t, _layer_map(layer_map, len(s), len(t)), projections=inputs.get("projections"),
+      metric=metric, where=mask)
+  return tokens.masked_mean(values, mask)
+
+
+@register_loss_term("attention_transfer",
+                    needs=(("student_attentions", "teacher_attentions"),))
+def _attention_term(inputs, *, layer_map="uniform", heads: str = "mean", metric: str = "mse"):
+  s, t = inputs["student_attentions"], inputs["teacher_attentions"]
+  mask = token_mask(inputs)
+  pairs = _layer_map(layer_map, len(s), len(t))
+  values = [features.attention_transfer_loss(s[i], t[j], heads=heads, metric=metric, where=mask)
+            for i, j in pairs]
+  return tokens.masked_mean(sum(values[1:], values[0]) / len(values), mask)
+
+
+@register_loss_term("token_relation", needs=(("student_hidden", "teacher_hidden"),))
+def _token_relation_term(inputs):
+  mask = token_mask(inputs)
+  values = features.token_relation_loss(inputs["student_hidden"], inputs["teacher_hidden"],
+                                        where=mask)
+  return tokens.masked_mean(values, mask)
+
+
+@register_loss_term("sinkhorn", needs=(("student_logits", "teacher_logits"),))
+def _sinkhorn_term(inputs, *, temperature: float = 2.0, epsilon: float = 0.1,
+                   iterations: int = 20):
+  """SinKD over every position of the batch as one set (memory O((B*T)^2 * V): small batches)."""
+  zs, zt = inputs["student_logits"], inputs["teacher_logits"]
+  mask = token_mask(inputs)
+  v = zs.shape[-1]
+  return features.sinkhorn_loss(zs.reshape(-1, v), zt.reshape(-1, v), temperature=temperature,
+                                epsilon=epsilon, iterations=iterations,
+                                where=None if mask is None else mask.reshape(-1))
+
+
 # ----------------------------------------------------------------------------------------------
 # The objective.
 # ----------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _BoundTerm:
   name: str
   term: LossTerm
@@ -251,7 +299,7 @@ class _BoundTerm:
   options: Mapping[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity: usable as a jit static.
 class Objective:
   """A weighted sum of loss terms. Build it with :func:`build_objective`.
 
@@ -279,7 +327,11 @@ class Objective:
           raise ValueError(f"loss term {t.name!r} is stateful: pass objective.init_state() (and"
                            " its updates) as the state argument.")
         kwargs["state"] = state[t.name]
-      value = jnp.asarray(t.term.fn(inputs, **kwargs), jnp.float32)
+      value = t.term.fn(inputs, **kwargs)
+      if isinstance(value, tuple):  # (scalar, extra metrics), logged as "<name>/<metric>".
+        value, extra = value
+        metrics.update({f"{t.name}/{k}": v for k, v in extra.items()})
+      value = jnp.asarray(value, jnp.float32)
       if value.shape != ():
         raise ValueError(f"loss term {t.name!r} returned shape {value.shape}; terms must return"
                          " a scalar (reduce per-token values with jkd.losses.masked_mean).")

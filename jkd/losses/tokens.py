@@ -13,6 +13,11 @@ Array = jax.Array
 IGNORE_INDEX = -100
 
 
+def _as_compute(values) -> Array:
+  values = jnp.asarray(values)
+  return values.astype(_common.compute_dtype(values.dtype))
+
+
 def label_mask(labels: Array, *, ignore_index: int = IGNORE_INDEX,
                where: Array | None = None) -> Array:
   """Boolean mask of the positions that count: ``labels != ignore_index`` and ``where``."""
@@ -52,7 +57,7 @@ def token_logprobs(logits: Array, labels: Array, *, temperature: float = 1.0,
     raise ValueError(f"labels shape {labels.shape} must equal logits shape without the vocab"
                      f" axis, {logits.shape[:-1]}.")
   mask = label_mask(labels, ignore_index=ignore_index, where=where)
-  log_q = _common.log_softmax_t(logits, temperature)
+  log_q = _common.log_softmax_t(_common.mask_rows(logits, mask), temperature)
   safe = jnp.where(mask, labels, 0)
   picked = jnp.take_along_axis(log_q, safe[..., None], axis=-1, mode="fill",
                                fill_value=jnp.nan)[..., 0]
@@ -84,7 +89,8 @@ def cross_entropy(logits: Array, labels: Array, *, ignore_index: int = IGNORE_IN
   if e == 0.0:
     return nll
   mask = label_mask(labels, ignore_index=ignore_index, where=where)
-  uniform = -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+  logits = _common.mask_rows(jnp.asarray(logits), mask)
+  uniform = -jnp.mean(_common.log_softmax_t(logits, 1.0), axis=-1)
   return jnp.where(mask, (1.0 - e) * nll + e * uniform, 0.0)
 
 
@@ -97,7 +103,7 @@ def masked_mean(values: Array, where: Array | None = None) -> Array:
   >>> float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False])))
   2.0
   """
-  values = jnp.asarray(values, jnp.float32)
+  values = _as_compute(values)
   if where is None:
     return jnp.mean(values)
   where = _common.check_where(where, values.shape)
@@ -112,7 +118,7 @@ def sequence_sum(values: Array, where: Array | None = None) -> Array:
   >>> sequence_sum(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])).tolist()
   [3.0]
   """
-  values = jnp.asarray(values, jnp.float32)
+  values = _as_compute(values)
   if where is not None:
     values = jnp.where(_common.check_where(where, values.shape), values, 0.0)
   return jnp.sum(values, axis=-1)
@@ -125,7 +131,7 @@ def sequence_mean(values: Array, where: Array | None = None) -> Array:
   >>> sequence_mean(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[True, True, False]])).tolist()
   [1.5]
   """
-  values = jnp.asarray(values, jnp.float32)
+  values = _as_compute(values)
   if where is None:
     return jnp.mean(values, axis=-1)
   where = _common.check_where(where, values.shape)
