@@ -1,0 +1,225 @@
+"""Hugging Face checkpoints: read ``config.json`` + safetensors (no PyTorch), write them back.
+
+Weights are converted between Hugging Face's per-layer ``nn.Linear`` layout (``[out, in]``) and
+jkd's stacked, per-head Flax layout (``[layers, in, heads, head_dim]``), and placed straight into
+the target sharding (one ``jax.device_put`` per parameter, from host memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkd.models.config import ModelConfig
+from jkd.models import transformer
+
+PyTree = Any
+
+
+def _per_layer(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, Callable, Callable]]:
+  """jkd path (under ``layers``) -> (HF name in layer i, HF->jkd, jkd->HF) for one layer."""
+  h, d, nh, nkv = config.hidden_size, config.dim_per_head, config.num_heads, config.num_kv_heads
+  heads = lambda n: (lambda w: w.T.reshape(h, n, d), lambda w: w.reshape(h, n * d).T)  # noqa
+  bias = lambda n: (lambda b: b.reshape(n, d), lambda b: b.reshape(n * d))  # noqa: E731
+  same = (lambda w: w, lambda w: w)
+  table = {
+      ("attn", "q", "kernel"): ("self_attn.q_proj.weight",) + heads(nh),
+      ("attn", "k", "kernel"): ("self_attn.k_proj.weight",) + heads(nkv),
+      ("attn", "v", "kernel"): ("self_attn.v_proj.weight",) + heads(nkv),
+      ("attn", "o", "kernel"): ("self_attn.o_proj.weight", lambda w: w.T.reshape(nh, d, h),
+                                lambda w: w.reshape(nh * d, h).T),
+      ("attn_norm", "scale"): ("input_layernorm.weight",) + same,
+      ("mlp_norm", "scale"): ("post_attention_layernorm.weight",) + same,
+  }
+  if config.qkv_bias:
+    table[("attn", "q", "bias")] = ("self_attn.q_proj.bias",) + bias(nh)
+    table[("attn", "k", "bias")] = ("self_attn.k_proj.bias",) + bias(nkv)
+    table[("attn", "v", "bias")] = ("self_attn.v_proj.bias",) + bias(nkv)
+  if config.qk_norm:
+    table[("attn", "q_norm", "scale")] = ("self_attn.q_norm.weight",) + same
+    table[("attn", "k_norm", "scale")] = ("self_attn.k_norm.weight",) + same
+  if config.num_experts:
+    table[("moe", "router", "kernel")] = ("block_sparse_moe.gate.weight", lambda w: w.T,
+                                          lambda w: w.T)
+  else:
+    t = (lambda w: w.T, lambda w: w.T)
+    table[("mlp", "gate", "kernel")] = ("mlp.gate_proj.weight",) + t
+    table[("mlp", "up", "kernel")] = ("mlp.up_proj.weight",) + t
+    table[("mlp", "down", "kernel")] = ("mlp.down_proj.weight",) + t
+  return table
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig,
+                           *, dtype: Any = None) -> PyTree:
+  """Host (NumPy) jkd parameters from a Hugging Face state dict of NumPy arrays.
+
+  Raises:
+    ValueError: a tensor missing, or of a shape that does not match ``config``.
+  """
+  dtype = jnp.dtype(dtype or config.param_dtype)
+  expected = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+
+  def take(name: str) -> np.ndarray:
+    if name not in state:
+      near = [k for k in state if k.split(".")[-2:] == name.split(".")[-2:]][:3]
+      raise ValueError(f"checkpoint has no tensor {name!r}" + (f" (it has e.g. {near})" if near
+                                                                 else "")
+                       + f"; is it a {config.architecture} model with {config.num_layers} layers?")
+    return np.asarray(state[name], np.float32)
+
+  params: dict = {}
+  _set(params, ("embed", "embedding"), take("model.embed_tokens.weight"))
+  _set(params, ("final_norm", "scale"), take("model.norm.weight"))
+  if not config.tie_embeddings:
+    _set(params, ("lm_head",), take("lm_head.weight").T)
+  for path, (name, to_jkd, _) in _per_layer(config).items():
+    _set(params, ("layers",) + path, np.stack(
+        [to_jkd(take(f"model.layers.{i}.{name}")) for i in range(config.num_layers)]))
+  if config.num_experts:
+    for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+      _set(params, ("layers", "moe", ours), np.stack([np.stack(
+          [take(f"model.layers.{i}.block_sparse_moe.experts.{e}.{theirs}.weight").T
+           for e in range(config.num_experts)]) for i in range(config.num_layers)]))
+
+  def check(path, struct):
+    keys = tuple(getattr(p, "key", p) for p in path)
+    shape = struct.shape
+    got = _get(params, keys).shape
+    if got != tuple(shape):
+      raise ValueError(f"parameter {'/'.join(keys)} has shape {got} in the checkpoint but"
+                       f" {tuple(shape)} in the config: the checkpoint belongs to another model"
+                       " shape.")
+
+  jax.tree_util.tree_map_with_path(check, expected)
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.ndarray]:
+  """A Hugging Face state dict (NumPy float32) from jkd parameters (dense models)."""
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  state = {"model.embed_tokens.weight": host["embed"]["embedding"],
+           "model.norm.weight": host["final_norm"]["scale"]}
+  if not config.tie_embeddings:
+    state["lm_head.weight"] = host["lm_head"].T
+  for path, (name, _, to_hf) in _per_layer(config).items():
+    stacked = _get(host["layers"], path)
+    for i in range(config.num_layers):
+      state[f"model.layers.{i}.{name}"] = np.ascontiguousarray(to_hf(stacked[i]))
+  return state
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of a Hugging Face directory: ``model.safetensors`` or a sharded index."""
+  from safetensors.numpy import load_file
+  index = os.path.join(directory, "model.safetensors.index.json")
+  single = os.path.join(directory, "model.safetensors")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(single):
+    files = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in"
+                            f" {directory!r} (PyTorch .bin checkpoints are not read: convert"
+                            " them to safetensors).")
+  state: dict[str, np.ndarray] = {}
+  for name in files:
+    state.update(_load_any_dtype(os.path.join(directory, name), load_file))
+  return state
+
+
+def _load_any_dtype(path, load_file):
+  try:
+    return load_file(path)
+  except (TypeError, ValueError):  # bf16 tensors: NumPy has no bfloat16, read raw through JAX.
+    from safetensors import safe_open
+    out = {}
+    with safe_open(path, framework="flax") as f:
+      for k in f.keys():
+        out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+    return out
+
+
+def load_hf(directory: str, *, shardings: PyTree | None = None,
+            **config_overrides) -> tuple[ModelConfig, PyTree]:
+  """Loads ``config.json`` + safetensors from a Hugging Face model directory.
+
+  Args:
+    directory: a local directory (as saved by ``save_pretrained`` or downloaded from the Hub).
+    shardings: optional pytree of ``jax.sharding.Sharding`` matching the parameters; each
+      tensor is put straight into its sharding.
+    **config_overrides: :class:`ModelConfig` fields to change (e.g. ``dtype="bfloat16"``).
+
+  Returns:
+    ``(config, params)``.
+  """
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face model"
+                            " directory.")
+  with open(config_path) as f:
+    config = ModelConfig.from_hf(json.load(f), **config_overrides)
+  host = params_from_state_dict(read_safetensors(directory), config)
+  return config, place(host, shardings)
+
+
+def place(host_params: PyTree, shardings: PyTree | None = None) -> PyTree:
+  """Moves host parameters to devices, into ``shardings`` when given."""
+  if shardings is None:
+    return jax.tree.map(jnp.asarray, host_params)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), host_params, shardings)
+
+
+def save_hf(directory: str, params: PyTree, config: ModelConfig, *, tokenizer=None,
+            max_shard_bytes: int | None = None) -> None:
+  """Writes a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+  Args:
+    directory: output directory (created).
+    params, config: the model.
+    tokenizer: optional ``transformers`` tokenizer, saved alongside (with its chat template).
+    max_shard_bytes: split the weights into several safetensors files with an index.
+  """
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  state = params_to_state_dict(params, config)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config.to_hf(), f, indent=2)
+  if max_shard_bytes is None:
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    shards, current, size = [], {}, 0
+    for name, array in state.items():
+      if current and size + array.nbytes > max_shard_bytes:
+        shards.append(current)
+        current, size = {}, 0
+      current[name] = array
+      size += array.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+      weight_map.update({k: fname for k in shard})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(a.nbytes for a in state.values())},
+                 "weight_map": weight_map}, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(directory)
