@@ -15,7 +15,7 @@ from jkd import losses
 
 # The library is always evaluated under jax.jit. Test programs are tiny and compiled once each,
 # so compile time dominates the suite: LLVM's backend optimisations (which do not change IEEE
-# float semantics, only the speed of the generated code) are turned off to halve it.
+# float semantics, only the speed of the generated code) are turned off: ~40% less compile time.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 IGNORE = losses.IGNORE_INDEX
@@ -166,9 +166,9 @@ def test_mask_equivalence(rng):
   m = rng.random((2, 5)) < 0.6
   m[1, 1] = True
   f = jit(lambda x, y, w: [losses.cross_entropy(x, y, where=w, label_smoothing=0.1),
-                               losses.token_logprobs(x, y, temperature=2.0, where=w)])
+                           losses.token_logprobs(x, y, temperature=2.0, where=w)])
   g = jit(lambda x, y: [losses.cross_entropy(x, y, label_smoothing=0.1),
-                            losses.token_logprobs(x, y, temperature=2.0)])
+                        losses.token_logprobs(x, y, temperature=2.0)])
   for masked, unmasked in zip(f(z, labels, m), g(z[m], labels[m])):
     np.testing.assert_allclose(np.asarray(masked)[m], unmasked, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(masked)[~m], 0.0)
