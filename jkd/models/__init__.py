@@ -10,3 +10,5 @@ from jkd.models.transformer import (
     param_axes,
     rope_frequencies,
 )
+from jkd.models.hf import load_hf, params_from_state_dict, params_to_state_dict, save_hf
+from jkd.models.student import layers_every, student_from_teacher
