@@ -1,0 +1,107 @@
+"""Device meshes and the one table of logical-axis rules (MaxText style).
+
+Parameters and activations carry logical axis names (``embed``, ``mlp``, ``heads``, ``vocab``,
+``batch``, ...); :data:`DEFAULT_RULES` maps them to the mesh axes ``data``, ``fsdp`` and
+``tensor``. A dimension that a mesh axis does not divide is replicated instead (and reported by
+:func:`describe`), so any model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+#: logical axis -> mesh axis (or axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("experts", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+  """A ``(data, fsdp, tensor)`` mesh; one ``-1`` entry takes the remaining devices.
+
+  Raises:
+    ValueError: the shape does not fit the device count (naming both and a fitting shape).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = [int(s) for s in shape]
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries for the"
+                     f" axes {MESH_AXES}.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {tuple(shape)}: use positive sizes and at most one -1.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not fit {n} devices: {n} is not a"
+                       f" multiple of {known}. Try ({n}, 1, 1).")
+    shape[shape.index(-1)] = n // known
+  if math.prod(shape) != n:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {n} are"
+                     f" available. Use -1 for one axis, e.g. (-1, 1, 1).")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_axes(logical: str | None, rules: dict) -> tuple[str, ...]:
+  if logical is None:
+    return ()
+  target = rules.get(logical)
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+  """Mesh ``PartitionSpec`` for an array with these logical axes (undividable dims replicated)."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name, size in zip(logical_spec, shape):
+    axes = tuple(a for a in _mesh_axes(name, table) if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      out.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      out.append(None)
+  return PartitionSpec(*out)
+
+
+def shardings_for(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
+                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+  """``NamedSharding`` for every leaf of ``abstract_tree`` from its logical spec."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh,
+                                                                          rules)),
+                      logical_tree, abstract_tree, is_leaf=is_spec)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   ndim: int = 2) -> NamedSharding:
+  """Sharding of a ``[batch, ...]`` array: the batch over the ``batch`` rule's mesh axes."""
+  axes = tuple(a for a in _mesh_axes("batch", dict(rules)) if mesh.shape[a] > 1)
+  first = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def describe(shardings: Any) -> str:
+  """One line per distinct sharding spec, for the startup log."""
+  specs: dict[str, int] = {}
+  for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    specs[str(s.spec)] = specs.get(str(s.spec), 0) + 1
+  return "; ".join(f"{k} x{v}" for k, v in sorted(specs.items()))

@@ -1,0 +1,211 @@
+"""The train state, the optimizer from a config, and the one jitted train step.
+
+One step serves every objective: distillation with the teacher inside the step (its parameters
+a separate, never-donated argument), distillation from a cached sparse teacher in the batch, and
+any other term of :func:`jkd.losses.build_objective`. The step is ``(state, batch, rng,
+teacher_params) -> (state, metrics)`` with the state donated; a non-finite loss or gradient
+skips the update and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkd import losses
+from jkd import models
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs, as one pytree (checkpointed whole).
+
+  Attributes:
+    step: number of steps taken (applied or skipped).
+    params: the student's parameters.
+    opt_state: the optimizer's state.
+    objective_state: state of stateful loss terms (TAID's schedule).
+    nan_streak: consecutive skipped (non-finite) steps.
+    skipped: total skipped steps.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  objective_state: PyTree
+  nan_streak: jax.Array
+  skipped: jax.Array
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on matrices only (not on norms, biases or the embedding)."""
+  def keep(path, x):
+    names = [getattr(p, "key", "") for p in path]
+    return x.ndim >= 2 and "embed" not in names and "norm" not in "".join(map(str, names))
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(opt: Mapping[str, Any], total_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW with linear warmup + cosine decay and global-norm clipping, from a config dict.
+
+  Keys: ``lr``, ``warmup_steps``, ``end_lr_ratio`` (cosine floor), ``b1``, ``b2``, ``eps``,
+  ``weight_decay``, ``clip_norm`` (0 disables).
+  """
+  lr = float(opt["lr"])
+  warmup = int(opt.get("warmup_steps", 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=lr * float(opt.get("end_lr_ratio",
+                                                                               0.1)))
+  parts = []
+  if float(opt.get("clip_norm", 1.0)) > 0:
+    parts.append(optax.clip_by_global_norm(float(opt.get("clip_norm", 1.0))))
+  parts.append(optax.adamw(schedule, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.95)),
+                           eps=float(opt.get("eps", 1e-8)),
+                           weight_decay=float(opt.get("weight_decay", 0.0)), mask=_decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def init_state(params: PyTree, optimizer: optax.GradientTransformation,
+               objective: losses.Objective) -> TrainState:
+  """A fresh train state (call under ``jax.jit(..., out_shardings=...)`` to create it sharded)."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                    objective_state=objective.init_state(), nan_streak=zero, skipped=zero)
+
+
+def _needs(objective: losses.Objective) -> dict[str, bool]:
+  fused = any(t.options.get("fused", False) for t in objective.terms)
+  names = {t.term.fn.__name__ for t in objective.terms}
+  return {"fused": fused,
+          "hidden_states": bool(names & {"_hidden_state_term"}),
+          "attentions": bool(names & {"_attention_term"})}
+
+
+def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
+                 student_config: models.ModelConfig,
+                 teacher_config: models.ModelConfig | None,
+                 objective: losses.Objective) -> tuple[dict[str, Any], jax.Array]:
+  """Runs the student (and the teacher, when given) and gathers the objective's inputs."""
+  need = _needs(objective)
+  common = dict(attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                segment_ids=batch.get("segment_ids"))
+  s = models.apply(params, batch["tokens"], config=student_config,
+                   return_logits=not need["fused"], output_hidden_states=need["hidden_states"],
+                   output_attentions=need["attentions"], **common)
+  inputs: dict[str, Any] = {
+      "labels": batch["labels"], "where": batch.get("loss_mask"),
+      "student_logits": s.logits, "student_hidden": s.hidden,
+      "student_head": models.output_head(params, student_config),
+      "student_hiddens": s.hidden_states, "student_attentions": s.attentions,
+      "teacher_topk_ids": batch.get("teacher_topk_ids"),
+      "teacher_topk_logprobs": batch.get("teacher_topk_logprobs"),
+      "teacher_tail_logprob": batch.get("teacher_tail_logprob"),
+  }
+  if teacher_params is not None:
+    t = models.apply(teacher_params, batch["tokens"], config=teacher_config,
+                     return_logits=not need["fused"], output_hidden_states=need["hidden_states"],
+                     output_attentions=need["attentions"], **common)
+    t = jax.tree.map(jax.lax.stop_gradient, t)
+    inputs.update(teacher_logits=t.logits, teacher_hidden=t.hidden,
+                  teacher_head=jax.lax.stop_gradient(models.output_head(teacher_params,
+                                                                        teacher_config)),
+                  teacher_hiddens=t.hidden_states, teacher_attentions=t.attentions)
+  aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
+  return inputs, jnp.asarray(aux, jnp.float32)
+
+
+def make_train_step(*, student_config: models.ModelConfig,
+                    teacher_config: models.ModelConfig | None, objective: losses.Objective,
+                    optimizer: optax.GradientTransformation, schedule: Callable,
+                    grad_accum: int = 1) -> Callable:
+  """The pure train step ``(state, batch, rng, teacher_params) -> (state, metrics)``.
+
+  ``batch`` holds ``tokens``, ``labels`` (``-100`` where no loss), and optionally
+  ``attention_mask``, ``loss_mask``, ``positions``, ``segment_ids`` and a sparse teacher
+  (``teacher_topk_ids``, ``teacher_topk_logprobs``), all ``[batch, seq, ...]``. With
+  ``grad_accum > 1`` the batch is split into that many micro-batches whose gradients are
+  averaged. Jit it with ``donate_argnums=0``.
+  """
+  if grad_accum < 1:
+    raise ValueError(f"grad_accum must be >= 1 (got {grad_accum}).")
+
+  def loss_fn(params, batch, teacher_params, objective_state):
+    inputs, aux = model_inputs(params, teacher_params, batch, student_config=student_config,
+                               teacher_config=teacher_config, objective=objective)
+    total, metrics = objective(inputs, objective_state)
+    if student_config.num_experts:
+      metrics["loss/moe_aux"] = aux
+    metrics["train/tokens"] = jnp.sum(losses.token_mask(inputs)).astype(jnp.float32)
+    return total + aux, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array,
+           teacher_params: PyTree | None = None) -> tuple[TrainState, dict]:
+    del rng  # The objectives here draw no randomness; the signature is the engine's contract.
+    if grad_accum == 1:
+      (total, metrics), grads = grad_fn(state.params, batch, teacher_params,
+                                        state.objective_state)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum)
+                                               + x.shape[1:]), batch)
+
+      def body(carry, mb):
+        (t, m), g = grad_fn(state.params, mb, teacher_params, state.objective_state)
+        return jax.tree.map(jnp.add, carry, (t, m, g)), None
+
+      zeros = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+                                             teacher_params, state.objective_state))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (total, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
+                                                micro)
+      tokens = metrics["train/tokens"]
+      total, grads = total / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+      metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
+      metrics["train/tokens"] = tokens
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
+    new_obj = objective.update_state(state.objective_state, metrics, state.step)
+    streak = jnp.where(finite, 0, state.nan_streak + 1)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state),
+                           objective_state=keep(new_obj, state.objective_state),
+                           nan_streak=streak, skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics.update({"train/grad_norm": grad_norm, "train/lr": schedule(state.step),
+                    "train/skipped": new_state.skipped.astype(jnp.float32),
+                    "train/finite": finite.astype(jnp.float32)})
+    for name, value in state.objective_state.items():
+      if hasattr(value, "t"):
+        metrics[f"{name}/t"] = value.t
+    return new_state, metrics
+
+  return step
+
+
+def flops_per_token(config: models.ModelConfig, seq_len: int) -> float:
+  """Forward matmul FLOPs per token (2 x params in matmuls + causal attention scores)."""
+  h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  d, nh, nkv = config.dim_per_head, config.num_heads, config.num_kv_heads
+  attn = h * d * (2 * nh + 2 * nkv)
+  mlp = 3 * h * f * (config.num_experts or 1)
+  per_layer = 2 * (attn + mlp) + 2 * 2 * nh * d * seq_len / 2  # causal: half the scores
+  return config.num_layers * per_layer + 2 * h * v
+
+
+def step_flops(student: models.ModelConfig, teacher: models.ModelConfig | None,
+               tokens: int, seq_len: int) -> float:
+  """Model FLOPs of one train step: student forward+backward (3x), teacher forward (1x)."""
+  total = 3 * flops_per_token(student, seq_len) * tokens
+  if teacher is not None:
+    total += flops_per_token(teacher, seq_len) * tokens
+  return total
