@@ -7,6 +7,7 @@ from jkd.train.sharding import (
     logical_to_spec,
     make_mesh,
     shardings_for,
+    state_shardings,
 )
 from jkd.train.step import (
     TrainState,

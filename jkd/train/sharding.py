@@ -105,3 +105,17 @@ def describe(shardings: Any) -> str:
   for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
     specs[str(s.spec)] = specs.get(str(s.spec), 0) + 1
   return "; ".join(f"{k} x{v}" for k, v in sorted(specs.items()))
+
+
+def state_shardings(abstract_state: Any, param_shardings: Any, optimizer: Any,
+                    mesh: Mesh) -> Any:
+  """Shardings of a whole :class:`jkd.train.TrainState`: parameter-shaped optimizer slots
+  (Adam's moments) follow their parameter; everything else is replicated."""
+  import optax
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
+                              param_shardings, transform_non_params=lambda _: replicated)
+  return abstract_state.replace(
+      step=replicated, params=param_shardings, opt_state=opt,
+      objective_state=jax.tree.map(lambda _: replicated, abstract_state.objective_state),
+      nan_streak=replicated, skipped=replicated)
