@@ -1,0 +1,158 @@
+"""One distillation step, jkd vs a plain PyTorch loop: tokens/s, MFU and compiled memory.
+
+    python bench/train_step.py                 # SmolLM2-135M teacher, 6-layer student
+    python bench/train_step.py --batch 4 --seq 256 --steps 5
+
+The step: teacher forward (frozen), student forward + backward, generalized JSD (beta 0.5, as
+TRL's GKD defines it) + nothing else, AdamW update. The PyTorch side is transformers' Llama
+model with the same weights, TRL's ``generalized_jsd_loss`` formula, and ``torch.optim.AdamW``,
+in the same process, timed interleaved with jkd. MFU is model FLOPs (student 3x forward +
+teacher 1x forward) over the measured float32 matmul peak of this machine. PyTorch is needed only
+here, never by jkd or its tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkd import losses, models, train
+from jkd.models import gguf_io
+
+
+def matmul_peak(n: int = 3072, repeats: int = 10) -> float:
+  """Measured float32 matmul FLOP/s of this machine through XLA."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def jkd_step(tcfg, tparams, batch_np, lr):
+  scfg, sparams = models.student_from_teacher(tparams, tcfg, every=5)
+  objective = losses.build_objective({"generalized_jsd": {"beta": 0.5}})
+  opt, sched = train.make_optimizer({"lr": lr, "warmup_steps": 0, "clip_norm": 0.0,
+                                     "weight_decay": 0.0}, 1000)
+  state = jax.jit(lambda p: train.init_state(p, opt, objective))(sparams)  # fresh buffers
+  step = jax.jit(train.make_train_step(student_config=scfg, teacher_config=tcfg,
+                                       objective=objective, optimizer=opt, schedule=sched),
+                 donate_argnums=0)
+  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  compiled = step.lower(state, batch, jax.random.key(0), tparams).compile()
+  mem = compiled.memory_analysis()
+
+  def run(state):
+    state, metrics = compiled(state, batch, jax.random.key(0), tparams)
+    jax.block_until_ready(metrics)
+    return state, float(metrics["loss/total"])
+
+  return scfg, state, run, mem
+
+
+def torch_step(gguf_path, tcfg, batch_np, lr):
+  import torch
+  import transformers
+  torch.set_num_threads(os.cpu_count())
+  teacher = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+      torch_dtype=torch.float32).eval()
+  cfg = teacher.config.to_dict()
+  keep = models.layers_every(tcfg.num_layers, 5)
+  scfg = transformers.LlamaConfig(**{**cfg, "num_hidden_layers": len(keep)})
+  student = transformers.LlamaForCausalLM(scfg)
+  sd = teacher.state_dict()
+  new = {}
+  for k, v in sd.items():
+    if k.startswith("model.layers."):
+      i = int(k.split(".")[2])
+      if i in keep:
+        new[k.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)] = v.clone()
+    else:
+      new[k] = v.clone()
+  student.load_state_dict(new, strict=False)
+  student.train()
+  opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+  tokens = torch.tensor(batch_np["tokens"])
+  labels = torch.tensor(batch_np["labels"])
+  mask = labels != -100
+
+  def gjsd(student_logits, teacher_logits, beta=0.5):  # TRL's generalized_jsd_loss formula.
+    s = torch.log_softmax(student_logits, -1)
+    t = torch.log_softmax(teacher_logits, -1)
+    b = torch.tensor(beta)
+    m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), 0)
+    kl_t = torch.nn.functional.kl_div(m, t, reduction="none", log_target=True)
+    kl_s = torch.nn.functional.kl_div(m, s, reduction="none", log_target=True)
+    per = (b * kl_t + (1 - b) * kl_s).sum(-1)
+    return per[mask].mean()
+
+  def run(_):
+    with torch.no_grad():
+      t_logits = teacher(tokens).logits
+    loss = gjsd(student(tokens).logits, t_logits)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return None, loss.item()
+
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--no_torch", action="store_true")
+  args = parser.parse_args()
+  path = gguf_io.smollm2_gguf_path()
+  tcfg, tparams = gguf_io.load_gguf(path)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, tcfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+  labels = np.roll(tokens, -1, 1)
+  labels[:, -1] = -100
+  batch = {"tokens": tokens, "labels": labels}
+  peak = matmul_peak()
+  scfg, state, jrun, mem = jkd_step(tcfg, tparams, batch, 1e-4)
+  runs = {"jkd": jrun}
+  if not args.no_torch:
+    runs["pytorch"] = torch_step(path, tcfg, batch, 1e-4)
+  states = {"jkd": state, "pytorch": None}
+  for name, run in runs.items():  # Warm-up (compilation, allocator).
+    states[name], _ = run(states[name])
+  times = {name: [] for name in runs}
+  for _ in range(args.steps):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      states[name], _ = run(states[name])
+      times[name].append(time.perf_counter() - t0)
+  tok = args.batch * args.seq
+  flops = train.step_flops(scfg, tcfg, tok, args.seq)
+  print(f"# Distillation step: SmolLM2-135M teacher (30 layers) -> 6-layer student,"
+        f" batch {args.batch} x {args.seq} tokens, float32, generalized JSD + AdamW")
+  print(f"machine: {os.cpu_count()} CPU cores; measured f32 matmul peak"
+        f" {peak / 1e9:.1f} GFLOP/s; model FLOPs/step {flops / 1e9:.1f} G\n")
+  print("| implementation | s/step (median) | tokens/s | MFU |\n|---|---|---|---|")
+  rates = {}
+  for name, ts in times.items():
+    med = float(np.median(ts))
+    rates[name] = tok / med
+    print(f"| {name} | {med:.3f} | {tok / med:.0f} | {100 * flops / med / peak:.1f}% |")
+  if "pytorch" in rates:
+    print(f"\njkd / PyTorch tokens/s: {rates['jkd'] / rates['pytorch']:.2f}x")
+  print(f"jkd compiled step memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments"
+        f" {mem.argument_size_in_bytes / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+  main()
