@@ -12,3 +12,11 @@ from jkd.models.transformer import (
 )
 from jkd.models.hf import load_hf, params_from_state_dict, params_to_state_dict, save_hf
 from jkd.models.student import layers_every, student_from_teacher
+from jkd.models.gguf_io import (
+    SUPPORTED_QUANT_TYPES,
+    check_vocab,
+    load_gguf,
+    load_tokenizer,
+    read_gguf_tensors,
+    smollm2_gguf_path,
+)

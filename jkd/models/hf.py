@@ -117,7 +117,7 @@ def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.nd
   state = {"model.embed_tokens.weight": host["embed"]["embedding"],
            "model.norm.weight": host["final_norm"]["scale"]}
   if not config.tie_embeddings:
-    state["lm_head.weight"] = host["lm_head"].T
+    state["lm_head.weight"] = np.ascontiguousarray(host["lm_head"].T)
   for path, (name, _, to_hf) in _per_layer(config).items():
     stacked = _get(host["layers"], path)
     for i in range(config.num_layers):
