@@ -18,3 +18,17 @@ from jkd.train.step import (
     model_inputs,
     step_flops,
 )
+from jkd.train.build import STUDENT_SOURCES, TEACHER_SOURCES
+from jkd.train.checkpoint import CheckpointError, Checkpointer, find_checkpoint, restore_params
+from jkd.train.config import default_config
+from jkd.train.data import DATA_SOURCES, ArraySource, make_sources, synthetic_lm_examples
+from jkd.train.evaluate import (
+    ECE_BINS,
+    METRIC_NAMES,
+    eval_metrics,
+    eval_sums,
+    evaluate_batches,
+    make_eval_step,
+)
+from jkd.train.loop import NonFiniteError, initialize_distributed, train
+from jkd.train.writer import MetricsWriter, read_metrics

@@ -171,8 +171,10 @@ def make_train_step(*, student_config: models.ModelConfig,
       metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
       metrics["train/tokens"] = tokens
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    # A finite gradient can still give a non-finite update (e.g. a NaN learning rate): check it.
+    finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates)))
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
     new_obj = objective.update_state(state.objective_state, metrics, state.step)

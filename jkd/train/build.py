@@ -1,0 +1,263 @@
+"""Teacher and student from a config, placed on the mesh; the train state created sharded.
+
+Sources are explicit registries: :data:`TEACHER_SOURCES` (``teacher.source``) and
+:data:`STUDENT_SOURCES` (``student.source``). Random models are initialised directly in their
+shardings (``jax.jit(init, out_shardings=...)``); loaded ones are put into them tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jkd import losses
+from jkd import models
+from jkd.train import checkpoint as ckpt_lib
+from jkd.train import sharding
+from jkd.train.step import TrainState, init_state
+
+PyTree = Any
+
+
+def _choose(registry: Mapping[str, Any], name: str, what: str):
+  if name not in registry:
+    raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(registry)}.")
+  return registry[name]
+
+
+def _path(section, key: str) -> str:
+  if not section.path:
+    raise ValueError(f"{key}.source={section.source} needs a path: set --config.{key}.path=...")
+  return os.path.expanduser(section.path)
+
+
+def _model_fields(section) -> dict[str, Any]:
+  """The set (non-None) entries of a ``model`` config section."""
+  return {k: v for k, v in section.to_dict().items() if v is not None}
+
+
+def _hf_model_config(path: str) -> models.ModelConfig:
+  with open(os.path.join(path, "config.json")) as f:
+    return models.ModelConfig.from_hf(json.load(f))
+
+
+def _reshard(params: PyTree, shardings: PyTree) -> PyTree:
+  """Loaded parameters into ``shardings`` (via the host: the same values on every process)."""
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers.
+
+class TeacherSpec(NamedTuple):
+  """A teacher's config and how to read its parameters (``load(shardings) -> params``, or None
+  for a random init): the config alone decides the student's shapes, so a resumed run checks
+  its checkpoint before the teacher's weights are read (GGUF files excepted: their config is
+  read with the tensors)."""
+  config: models.ModelConfig
+  load: Callable[[PyTree], PyTree] | None
+
+
+def _gguf(path: str) -> TeacherSpec:
+  from jkd.models import gguf_io  # noqa: PLC0415  (needs the optional gguf package)
+  config, params = gguf_io.load_gguf(path)
+  return TeacherSpec(config, lambda shardings: _reshard(params, shardings))
+
+
+def _smollm2(cfg) -> TeacherSpec:
+  del cfg
+  from jkd.models import gguf_io  # noqa: PLC0415
+  return _gguf(gguf_io.smollm2_gguf_path())
+
+
+def _hf(cfg) -> TeacherSpec:
+  path = _path(cfg.teacher, "teacher")
+  return TeacherSpec(_hf_model_config(path),
+                     lambda shardings: models.load_hf(path, shardings=shardings)[1])
+
+
+#: ``teacher.source`` -> ``(cfg) -> TeacherSpec``.
+TEACHER_SOURCES: dict[str, Callable[[Any], TeacherSpec]] = {
+    "random": lambda cfg: TeacherSpec(models.ModelConfig(**_model_fields(cfg.teacher.model)),
+                                      None),
+    "hf": _hf,
+    "gguf": lambda cfg: _gguf(_path(cfg.teacher, "teacher")),
+    "smollm2": _smollm2,
+}
+
+
+def teacher_spec(cfg) -> TeacherSpec:
+  """The ``teacher.source`` teacher's config (compute dtype ``teacher.dtype``) and loader."""
+  spec = _choose(TEACHER_SOURCES, cfg.teacher.source, "teacher.source")(cfg)
+  return spec._replace(config=spec.config.replace(dtype=cfg.teacher.dtype))
+
+
+class Teacher(NamedTuple):
+  """The teacher: sharded parameters (never donated, never checkpointed) and its config."""
+  config: models.ModelConfig
+  params: PyTree
+  shardings: PyTree
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(config: models.ModelConfig) -> tuple[PyTree, PyTree]:
+  """``(ShapeDtypeStruct tree, logical-axis tree)`` of a model's parameters (traced once)."""
+  return (jax.eval_shape(lambda: models.init_params(config, jax.random.key(0))),
+          models.param_axes(config))
+
+
+def param_shardings(config: models.ModelConfig, mesh: Mesh, rules) -> PyTree:
+  """``NamedSharding`` of every parameter of a ``config`` model, from the logical axes."""
+  return sharding.shardings_for(*abstract_params(config), mesh, rules)
+
+
+def build_teacher(spec: TeacherSpec, mesh: Mesh, rules, key: jax.Array) -> Teacher:
+  """The teacher's float32 parameters, read (or drawn) into their shardings."""
+  config = spec.config
+  shardings = param_shardings(config, mesh, rules)
+  if spec.load is None:
+    params = jax.jit(lambda k: models.init_params(config, k), out_shardings=shardings)(key)
+  else:
+    params = spec.load(shardings)
+  return Teacher(config, params, shardings)
+
+
+def freeze_teacher(teacher: Teacher, param_dtype: str) -> Teacher:
+  """The teacher with parameters cast to ``param_dtype`` (e.g. ``bfloat16``), same shardings."""
+  if param_dtype == teacher.config.param_dtype:
+    return teacher
+  dtype = jnp.dtype(param_dtype)
+  params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=teacher.shardings)(teacher.params)
+  return Teacher(teacher.config.replace(param_dtype=param_dtype), params, teacher.shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Students.
+
+class StudentSource(NamedTuple):
+  """How a ``student.source`` makes the student.
+
+  Attributes:
+    config: ``(cfg, teacher_config, path) -> ModelConfig`` (reads no parameters).
+    params: ``(cfg, student_config, teacher, path, shardings, key) -> params`` in
+      ``shardings`` (called for a fresh run only; a resumed run restores its state).
+  """
+  config: Callable[..., models.ModelConfig]
+  params: Callable[..., PyTree]
+
+
+def _random_params(cfg, config, teacher, path, shardings, key):
+  del cfg, teacher, path
+  return jax.jit(lambda k: models.init_params(config, k), out_shardings=shardings)(key)
+
+
+def _layers_config(cfg, teacher_config, path):
+  del path
+  keep = models.layers_every(teacher_config.num_layers, int(cfg.student.every))
+  return teacher_config.replace(num_layers=len(keep))
+
+
+def _layers_params(cfg, config, teacher, path, shardings, key):
+  del config, path, key
+  every = int(cfg.student.every)
+  return jax.jit(lambda p: models.student_from_teacher(p, teacher.config, every=every)[1],
+                 out_shardings=shardings)(teacher.params)
+
+
+def _checkpoint_config(cfg, teacher_config, path):
+  del cfg, teacher_config
+  stored = ckpt_lib.read_config(path).get("student_model")
+  if not stored:
+    raise ValueError(f"the checkpoint under {path!r} does not record its student model.")
+  return models.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in stored.items()})
+
+
+def _checkpoint_params(cfg, config, teacher, path, shardings, key):
+  del cfg, teacher, key
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(config)[0], shardings)
+  return ckpt_lib.restore_params(path, abstract)
+
+
+#: ``student.source`` -> how to make the student.
+STUDENT_SOURCES: dict[str, StudentSource] = {
+    "layers": StudentSource(_layers_config, _layers_params),
+    "random": StudentSource(
+        lambda cfg, t, path: t.replace(**_model_fields(cfg.student.model)), _random_params),
+    "hf": StudentSource(lambda cfg, t, path: _hf_model_config(path),
+                        lambda cfg, c, t, path, sh, key: models.load_hf(path, shardings=sh)[1]),
+    "checkpoint": StudentSource(_checkpoint_config, _checkpoint_params),
+}
+
+
+def student_source(cfg) -> tuple[StudentSource, str]:
+  """The student's source and path; ``student.init_from`` (a Hugging Face directory or a jkd
+  workdir/checkpoint) overrides ``student.source`` and ``student.path``."""
+  if cfg.student.init_from:
+    path = os.path.expanduser(cfg.student.init_from)
+    try:
+      ckpt_lib.find_checkpoint(path)
+      name = "checkpoint"
+    except FileNotFoundError:
+      if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"student.init_from={path!r} is neither a jkd workdir or"
+                                " checkpoint nor a Hugging Face directory (no config.json)."
+                                ) from None
+      name = "hf"
+    return STUDENT_SOURCES[name], path
+  source = _choose(STUDENT_SOURCES, cfg.student.source, "student.source")
+  needs_path = cfg.student.source in ("hf", "checkpoint")
+  return source, _path(cfg.student, "student") if needs_path else ""
+
+
+def student_config(cfg, teacher_config: models.ModelConfig) -> models.ModelConfig:
+  """The student's ModelConfig (compute dtype ``student.dtype``, float32 parameters)."""
+  source, path = student_source(cfg)
+  return source.config(cfg, teacher_config, path).replace(
+      dtype=cfg.student.dtype, param_dtype="float32", remat=bool(cfg.student.remat))
+
+
+def student_params(cfg, config: models.ModelConfig, teacher: Teacher, shardings: PyTree,
+                   key: jax.Array) -> PyTree:
+  """The student's initial parameters, in ``shardings`` (for a fresh run)."""
+  source, path = student_source(cfg)
+  return source.params(cfg, config, teacher, path, shardings, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train state.
+
+def state_shardings(config: models.ModelConfig, optimizer: optax.GradientTransformation,
+                    objective: losses.Objective, mesh: Mesh, rules
+                    ) -> tuple[TrainState, TrainState]:
+  """``(abstract state whose leaves carry their sharding, state shardings)`` of a student
+  (:func:`jkd.train.sharding.state_shardings`: Adam's moments follow their parameters)."""
+  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, objective),
+                            abstract_params(config)[0])
+  shardings = sharding.state_shardings(abstract, param_shardings(config, mesh, rules),
+                                       optimizer, mesh)
+  with_sharding = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return with_sharding, shardings
+
+
+def create_state(params: PyTree, optimizer: optax.GradientTransformation,
+                 objective: losses.Objective, shardings: TrainState) -> TrainState:
+  """A fresh train state from ``params``, made directly in ``shardings``."""
+  return jax.jit(lambda p: init_state(p, optimizer, objective), out_shardings=shardings)(params)
+
+
+def model_record(config: models.ModelConfig) -> dict[str, Any]:
+  """JSON form of a ModelConfig (stored with each checkpoint)."""
+  return dataclasses.asdict(config)

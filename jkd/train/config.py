@@ -1,0 +1,100 @@
+"""The training config: every key the engine reads, with its default (configs/ start from it).
+
+Experiment configs (``configs/<name>.py``) call :func:`default_config` and change what they
+need; the command line overrides any key (``--config.optimizer.lr=3e-4``) and, with the config
+locked, a misspelt key is an error that names the nearest keys.
+
+Keys:
+
+``seed``                   init of random models; the per-step key is ``fold_in(seed key, step)``
+``teacher.source``         ``random`` (``teacher.model``), ``hf`` (``path``: a Hugging Face
+                           directory), ``gguf`` (``path``: a ``.gguf`` file) or ``smollm2``
+                           (the packaged SmolLM2-135M-Instruct GGUF)
+``teacher.model.*``        :class:`jkd.models.ModelConfig` fields of a ``random`` teacher
+``teacher.dtype``          compute dtype; ``teacher.param_dtype``: ``bfloat16`` stores the frozen
+                           teacher in bf16
+``student.source``         ``layers`` (every ``student.every``-th teacher layer), ``random``
+                           (the teacher's config with ``student.model.*`` overrides),
+                           ``hf`` or ``checkpoint`` (``student.path``)
+``student.init_from``      a Hugging Face directory or a jkd workdir/checkpoint: overrides
+                           ``student.source`` (also ``--init_from`` on the command line)
+``student.dtype``          compute dtype; ``student.remat``: rematerialise layers
+``objective``              :func:`jkd.losses.build_objective` spec
+``optimizer.*``            :func:`jkd.train.make_optimizer` keys
+``data.source``            ``synthetic`` (``num_examples``, ``eval_examples``) or ``npz``
+                           (``path``, ``eval_path``: ``.npz`` files of ``tokens``, ``labels``
+                           and optionally ``loss_mask`` ``[N, T]`` arrays)
+``data.seq_len``, ``data.batch_size`` (global), ``data.seed`` (shuffling)
+``train.steps``, ``train.grad_accum``, ``train.log_every``
+``train.max_nan_steps``    stop after this many non-finite (skipped) steps in a row
+``train.peak_tflops_per_device``  for MFU (``perf/mfu``): 989 is an H100's dense bf16 peak
+``train.progress_bar``     tqdm bar on process 0
+``eval.every``             steps between evaluations (0: only at the end); ``eval.batches``:
+                           at most this many eval batches (0: all)
+``checkpoint.every``       steps between checkpoints (0: only at the end and on SIGTERM);
+                           ``keep``: newest to keep; ``best_metric``/``best_mode``: also keep the
+                           best by an eval metric (e.g. ``eval/kl_forward``, ``min``);
+                           ``async_save``
+``mesh.shape``             ``(data, fsdp, tensor)``; one ``-1`` takes the remaining devices
+``distributed.*``          timeouts (seconds) of ``jax.distributed.initialize``, used when
+                           ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+                           ``JAX_PROCESS_ID`` are set; a peer silent for ``heartbeat_timeout_s``
+                           makes the others exit with an error
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key of a training config with its default (a SmolLM2-135M teacher)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.source = "smollm2"
+  c.teacher.path = ""
+  c.teacher.model = ml_collections.ConfigDict(dict(
+      architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+      num_layers=30, num_heads=9, num_kv_heads=3, head_dim=config_dict.placeholder(int),
+      rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+      max_position_embeddings=8192))
+  c.teacher.dtype = "float32"
+  c.teacher.param_dtype = "float32"
+
+  c.student = ml_collections.ConfigDict()
+  c.student.source = "layers"
+  c.student.every = 2
+  c.student.path = ""
+  c.student.init_from = ""
+  c.student.model = ml_collections.ConfigDict(dict(
+      num_layers=config_dict.placeholder(int), hidden_size=config_dict.placeholder(int),
+      intermediate_size=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
+      num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int)))
+  c.student.dtype = "float32"
+  c.student.remat = False
+
+  c.objective = ml_collections.ConfigDict({
+      "kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5},
+      "ce": {"term": "cross_entropy", "weight": 0.1}})
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", path="", eval_path="", num_examples=4096, eval_examples=256,
+      seq_len=256, batch_size=32, seed=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, grad_accum=1, log_every=10, max_nan_steps=10, peak_tflops_per_device=989.0,
+      progress_bar=True))
+  c.eval = ml_collections.ConfigDict(dict(every=200, batches=0))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=200, keep=3, best_metric="", best_mode="min", async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialization_timeout_s=300, heartbeat_timeout_s=60, shutdown_timeout_s=60))
+  return c
