@@ -96,6 +96,18 @@ def _fused_bwd(token_fn, chunk_size, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _prepare(hidden, head, token_inputs, shared, chunk_size):
+  """Validates the chunked functions' inputs; the per-token inputs and shared arrays are constants."""
+  if not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r}).")
+  hidden = _common.check_float_array(hidden, "hidden")
+  head = _common.check_float_array(head, "head")
+  if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[0]:
+    raise ValueError(f"hidden {hidden.shape} and head {head.shape} must be [N, H] and [H, V].")
+  return (hidden, head, jax.tree.map(jax.lax.stop_gradient, token_inputs),
+          jax.tree.map(jax.lax.stop_gradient, shared), min(chunk_size, max(hidden.shape[0], 1)))
+
+
 def chunked_linear_loss(token_fn: Callable[[Array, PyTree, PyTree], Array], hidden: Array,
                         head: Array, token_inputs: PyTree, *, shared: PyTree = None,
                         weights: Array, chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -115,15 +127,8 @@ def chunked_linear_loss(token_fn: Callable[[Array, PyTree, PyTree], Array], hidd
   Returns:
     ``(loss, values)``: the weighted sum and the detached per-token values ``[N]``.
   """
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r}).")
-  hidden = _common.check_float_array(hidden, "hidden")
-  head = _common.check_float_array(head, "head")
-  if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[0]:
-    raise ValueError(f"hidden {hidden.shape} and head {head.shape} must be [N, H] and [H, V].")
-  chunk_size = min(chunk_size, max(hidden.shape[0], 1))
-  token_inputs = jax.tree.map(jax.lax.stop_gradient, token_inputs)
-  shared = jax.tree.map(jax.lax.stop_gradient, shared)
+  hidden, head, token_inputs, shared, chunk_size = _prepare(hidden, head, token_inputs, shared,
+                                                              chunk_size)
   loss, values = _fused(token_fn, hidden, head, token_inputs, shared,
                         jnp.asarray(weights, jnp.float32), chunk_size)
   return loss, jax.lax.stop_gradient(values)
@@ -167,15 +172,8 @@ def chunked_token_values(token_fn: Callable[[Array, PyTree, PyTree], Array], hid
   >>> chunked_token_values(fn, jnp.ones((5, 2)), jnp.zeros((2, 3)), None, chunk_size=2).shape
   (5,)
   """
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r}).")
-  hidden = _common.check_float_array(hidden, "hidden")
-  head = _common.check_float_array(head, "head")
-  if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[0]:
-    raise ValueError(f"hidden {hidden.shape} and head {head.shape} must be [N, H] and [H, V].")
-  chunk_size = min(chunk_size, max(hidden.shape[0], 1))
-  token_inputs = jax.tree.map(jax.lax.stop_gradient, token_inputs)
-  shared = jax.tree.map(jax.lax.stop_gradient, shared)
+  hidden, head, token_inputs, shared, chunk_size = _prepare(hidden, head, token_inputs, shared,
+                                                              chunk_size)
   return _token_values(token_fn, hidden, head, token_inputs, shared, chunk_size)
 
 
