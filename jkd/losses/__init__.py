@@ -91,3 +91,4 @@ from jkd.losses.alignment import (
     simpo_loss,
 )
 from jkd.losses import preference_terms as _preference_terms  # noqa: F401  (registers terms)
+from jkd.losses.uld import align_by_offsets, gather_aligned_logits, uld_loss

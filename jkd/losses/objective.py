@@ -28,6 +28,7 @@ that loss, checked when the objective is built: a typo is an error naming the va
 ``student_hiddens``        per-layer hidden states (feature terms), ``teacher_hiddens`` likewise
 ``student_attentions``     per-layer attention maps, ``teacher_attentions`` likewise
 ``projections``            learned projection(s) for hidden-state terms (part of the params)
+``teacher_index``          ``[B, T]`` teacher position aligned to each student position (``uld``)
 =========================  ===================================================================
 
 Stateful terms (TAID) keep their state in ``objective.init_state()``; the train step passes it
@@ -51,6 +52,7 @@ from jkd.losses import fused as fused_lib
 from jkd.losses import sparse as sparse_lib
 from jkd.losses import taid as taid_lib
 from jkd.losses import tokens
+from jkd.losses import uld as uld_lib
 
 Array = jax.Array
 
@@ -285,6 +287,28 @@ def _sinkhorn_term(inputs, *, temperature: float = 2.0, epsilon: float = 0.1,
   return features.sinkhorn_loss(zs.reshape(-1, v), zt.reshape(-1, v), temperature=temperature,
                                 epsilon=epsilon, iterations=iterations,
                                 where=None if mask is None else mask.reshape(-1))
+
+
+def _uld_validate(*, temperature: float = 1.0, top_k: int | None = None):
+  uld_lib.uld_loss(jnp.zeros((1, 2)), jnp.zeros((1, 3)), temperature=temperature, top_k=top_k)
+
+
+@register_loss_term("uld", needs=(("student_logits", "teacher_logits", "teacher_index"),
+                                  ("student_logits", "teacher_logits")), validate=_uld_validate)
+def _uld_term(inputs, *, temperature: float = 1.0, top_k: int | None = None):
+  """ULD (cross-tokenizer): teacher logits gathered at ``teacher_index`` (-1 = masked out).
+
+  Without ``teacher_index`` the positions are taken as aligned one to one.
+  """
+  if inputs.get("student_logits") is None or inputs.get("teacher_logits") is None:
+    raise ValueError(_missing_inputs_message("uld", LOSS_TERMS["uld"].needs, inputs))
+  zt, mask = inputs["teacher_logits"], token_mask(inputs)
+  if inputs.get("teacher_index") is not None:
+    zt, aligned = uld_lib.gather_aligned_logits(zt, inputs["teacher_index"])
+    mask = aligned if mask is None else mask & aligned
+  values = uld_lib.uld_loss(inputs["student_logits"], zt, temperature=temperature, where=mask,
+                            top_k=top_k)
+  return tokens.masked_mean(values, mask)
 
 
 # ----------------------------------------------------------------------------------------------
