@@ -1,4 +1,10 @@
-"""jkd.data: datasets on disk (TFDS ArrayRecord), pipelines, teacher-written corpora and caches."""
+"""jkd.data: datasets on disk (TFDS ArrayRecord), pipelines, teacher-written corpora and caches.
+
+The modules with a command line (``jsonl``, ``corpus``, ``teacher_cache``, ``preference``) are
+imported on first use of one of their names, so ``python -m jkd.data.<module>`` runs cleanly.
+"""
+
+import importlib
 
 from jkd.data.store import (
     open_split,
@@ -8,3 +14,73 @@ from jkd.data.store import (
     text_feature,
     write_dataset,
 )
+from jkd.data.tokenize import (
+    IGNORE_INDEX,
+    OVERFLOW,
+    finish_example,
+    pack_examples,
+    pad_example,
+    tokenize_example,
+)
+from jkd.data.pipeline import (
+    DataPipeline,
+    text_pipeline,
+    text_transform,
+    tokenized_transform,
+)
+from jkd.data.scoring import SCORERS, Candidate, make_scorer, register_scorer
+from jkd.data.tokenizers import (
+    PROBE_TEXTS,
+    TokenizerMatch,
+    check_same_tokenizer,
+    compare_tokenizers,
+    cross_tokenize,
+    cross_tokenize_batch,
+)
+from jkd.data.selection import (
+    DomainMixture,
+    DomainWeights,
+    MiniPLMSelection,
+    difference_scores,
+    document_logprob_means,
+    mean_token_nll,
+    miniplm_select,
+    select_top_fraction,
+)
+
+#: Public names of the command-line modules, imported when first used.
+_LAZY = {
+    "SHAPES": "jsonl",
+    "build_jsonl_dataset": "jsonl",
+    "detect_shape": "jsonl",
+    "generate_corpus": "corpus",
+    "read_prompts": "corpus",
+    "TAIL_FLOOR": "teacher_cache",
+    "Teacher": "teacher_cache",
+    "check_cache": "teacher_cache",
+    "char_tokenizer": "teacher_cache",
+    "load_teacher": "teacher_cache",
+    "teacher_fingerprint": "teacher_cache",
+    "topk_logprobs": "teacher_cache",
+    "write_teacher_cache": "teacher_cache",
+    "Pairs": "preference",
+    "make_pairs": "preference",
+    "read_pairs": "preference",
+    "reference_fingerprint": "preference",
+    "reference_logprobs": "preference",
+    "tokenize_pairs": "preference",
+    "tokenize_preference": "preference",
+    "write_pairs": "preference",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(f"jkd.data.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'jkd.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -110,9 +111,17 @@ def write_dataset(root: str, name: str, features: Mapping[str, Any],
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     raise FileExistsError(f"a dataset already exists at {builder.data_dir}; choose another name"
                           " or root, or delete it yourself.")
-  with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing".
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        num_shards=int(num_shards)))
+  from tensorflow_datasets.core.utils import tqdm_utils  # noqa: PLC0415
+  was_active = tqdm_utils._active  # noqa: SLF001  (TFDS has a setter but no getter)
+  tqdm_utils.display_progress_bar(False)  # Its per-split bars; callers show their own.
+  try:
+    with tempfile.TemporaryDirectory() as downloads, \
+        contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing".
+      builder.download_and_prepare(download_dir=downloads,
+                                   download_config=tfds.download.DownloadConfig(
+                                       num_shards=int(num_shards)))
+  finally:
+    tqdm_utils.display_progress_bar(was_active)
   return builder.data_dir
 
 
