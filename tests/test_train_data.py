@@ -116,5 +116,6 @@ def test_config_sources(tmp_path):
   np.savez(tmp_path / "bad.npz", tokens=ex["tokens"] + 9, labels=ex["labels"])
   with pytest.raises(ValueError, match=r"token ids outside \[0, 9\)"):
     make_sources(data_config(source="npz", path=str(tmp_path / "bad.npz")), vocab=9)
-  with pytest.raises(ValueError, match=r"unknown data.source 'csv'; choose one of \['npz',"):
+  with pytest.raises(ValueError,
+                     match=r"unknown data.source 'csv'; choose one of \['jsonl', 'npz',"):
     make_sources(data_config(source="csv"), vocab=9)

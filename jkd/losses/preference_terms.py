@@ -14,6 +14,8 @@ reference (or the teacher as reference, LLaVA-MoD style) with
 ====================  ======================================================================
 
 Each term returns the mean loss over pairs and the standard metrics (``<name>/rewards/...``).
+Every term takes ``fused=False``: the train step then computes the log-probs from hidden states
+and the output head, chunked over tokens (:func:`jkd.losses.fused_sequence_logprobs`).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def _means(x, term):
 @_register("dpo", _PAIRS)
 def _dpo_term(inputs, *, loss_type: str | Sequence[str] = "sigmoid",
               loss_weights: Sequence[float] | None = None, beta: float = 0.1,
-              label_smoothing: float | None = None, options: Mapping[str, Any] | None = None):
+              label_smoothing: float | None = None, options: Mapping[str, Any] | None = None,
+              fused: bool = False):
   """Any TRL DPO loss type or weighted list of them (teacher-as-reference: ref = teacher)."""
+  del fused  # Read by the train step (log-probs from hidden states, chunked).
   pc, pr, rc, rr = _get(inputs, _PAIRS[0], "dpo")
   shared = {"beta": beta}
   if label_smoothing is not None:
@@ -82,7 +86,8 @@ def _dpo_term(inputs, *, loss_type: str | Sequence[str] = "sigmoid",
 
 @_register("simpo", _FREE)
 def _simpo_term(inputs, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
-                label_smoothing: float = 0.0):
+                label_smoothing: float = 0.0, fused: bool = False):
+  del fused
   pc, pr = (_means(x, "simpo") for x in _get(inputs, _FREE[0], "simpo"))
   loss = alignment.simpo_loss(pc, pr, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
                               label_smoothing=label_smoothing)
@@ -90,7 +95,9 @@ def _simpo_term(inputs, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
 
 
 @_register("cpo", _FREE)
-def _cpo_term(inputs, *, beta: float = 0.1, label_smoothing: float = 0.0, alpha: float = 1.0):
+def _cpo_term(inputs, *, beta: float = 0.1, label_smoothing: float = 0.0, alpha: float = 1.0,
+              fused: bool = False):
+  del fused
   pc, pr = _get(inputs, _FREE[0], "cpo")
   loss = alignment.cpo_loss(_sums(pc), _sums(pr), beta=beta, label_smoothing=label_smoothing,
                             chosen_nll=-_means(pc, "cpo"), alpha=alpha)
@@ -98,7 +105,8 @@ def _cpo_term(inputs, *, beta: float = 0.1, label_smoothing: float = 0.0, alpha:
 
 
 @_register("orpo", _FREE)
-def _orpo_term(inputs, *, lam: float = 0.1):
+def _orpo_term(inputs, *, lam: float = 0.1, fused: bool = False):
+  del fused
   pc, pr = (_means(x, "orpo") for x in _get(inputs, _FREE[0], "orpo"))
   loss = alignment.orpo_loss(pc, pr, lam=lam)
   metrics = alignment.preference_metrics(pc, pr, beta=lam)
@@ -108,7 +116,8 @@ def _orpo_term(inputs, *, lam: float = 0.1):
 
 @_register("kto", (("policy", "ref", "desirable", "policy_kl", "ref_kl"),))
 def _kto_term(inputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
-              undesirable_weight: float = 1.0):
+              undesirable_weight: float = 1.0, fused: bool = False):
+  del fused
   p, r, desirable, pk, rk = _get(inputs, ("policy", "ref", "desirable", "policy_kl", "ref_kl"),
                                  "kto")
   z = alignment.kto_kl_estimate(_sums(pk), _sums(rk))
@@ -119,6 +128,7 @@ def _kto_term(inputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
 
 
 @_register("redi", _FREE)
-def _redi_term(inputs, *, c_pos: float = 1.0, c_neg: float = 0.8):
+def _redi_term(inputs, *, c_pos: float = 1.0, c_neg: float = 0.8, fused: bool = False):
+  del fused
   pc, pr = (_means(x, "redi") for x in _get(inputs, _FREE[0], "redi"))
   return jnp.mean(alignment.redi_loss(pc, pr, c_pos=c_pos, c_neg=c_neg))

@@ -10,7 +10,10 @@ from jkd.train.sharding import (
     state_shardings,
 )
 from jkd.train.step import (
+    METRIC_PREFIX,
     TrainState,
+    batch_metrics,
+    batch_work,
     flops_per_token,
     init_state,
     make_optimizer,
@@ -21,7 +24,14 @@ from jkd.train.step import (
 from jkd.train.build import STUDENT_SOURCES, TEACHER_SOURCES
 from jkd.train.checkpoint import CheckpointError, Checkpointer, find_checkpoint, restore_params
 from jkd.train.config import default_config
-from jkd.train.data import DATA_SOURCES, ArraySource, make_sources, synthetic_lm_examples
+from jkd.train.data import (
+    DATA_SOURCES,
+    TOKENIZER_SOURCES,
+    ArraySource,
+    make_sources,
+    synthetic_lm_examples,
+    tokenizer_for,
+)
 from jkd.train.evaluate import (
     ECE_BINS,
     METRIC_NAMES,
@@ -29,6 +39,19 @@ from jkd.train.evaluate import (
     eval_sums,
     evaluate_batches,
     make_eval_step,
+)
+from jkd.train.preference_step import (
+    completion_tokens,
+    is_preference_batch,
+    mismatched_pairs,
+    preference_inputs,
+)
+from jkd.train.onpolicy import (
+    ONPOLICY_MODES,
+    AdaptiveOffPolicySource,
+    OnPolicySource,
+    ReplayBuffer,
+    wrap_source,
 )
 from jkd.train.loop import NonFiniteError, initialize_distributed, train
 from jkd.train.writer import MetricsWriter, read_metrics

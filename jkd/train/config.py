@@ -13,6 +13,8 @@ Keys:
 ``teacher.model.*``        :class:`jkd.models.ModelConfig` fields of a ``random`` teacher
 ``teacher.dtype``          compute dtype; ``teacher.param_dtype``: ``bfloat16`` stores the frozen
                            teacher in bf16
+``teacher.tokenizer``      ``""``: the teacher's own (GGUF or Hugging Face); ``char``: a
+                           character-level tokenizer of the vocabulary size (random teachers)
 ``student.source``         ``layers`` (every ``student.every``-th teacher layer), ``random``
                            (the teacher's config with ``student.model.*`` overrides),
                            ``hf`` or ``checkpoint`` (``student.path``)
@@ -21,16 +23,55 @@ Keys:
 ``student.dtype``          compute dtype; ``student.remat``: rematerialise layers
 ``objective``              :func:`jkd.losses.build_objective` spec
 ``optimizer.*``            :func:`jkd.train.make_optimizer` keys
-``data.source``            ``synthetic`` (``num_examples``, ``eval_examples``) or ``npz``
+``data.source``            ``teacher_corpus`` (the teacher answers ``corpus.prompts``; see
+                           :mod:`jkd.train.stages`), ``synthetic`` (``num_examples``, ``eval_examples``), ``npz``
                            (``path``, ``eval_path``: ``.npz`` files of ``tokens``, ``labels``
-                           and optionally ``loss_mask`` ``[N, T]`` arrays)
+                           and optionally ``loss_mask`` ``[N, T]`` arrays), ``jsonl``
+                           (``path``, optional ``eval_path``: JSONL files or globs, several
+                           comma-separated; built once into a TFDS dataset under ``cache_dir``
+                           keyed by a hash of their contents; see :mod:`jkd.data.jsonl`) or
+                           ``tfds`` (``path`` of a TFDS dataset directory, or ``name`` under
+                           ``data_dir``; ``split``, ``eval_split``). ``jsonl``/``tfds`` are
+                           tokenised with the teacher's tokenizer (:func:`jkd.train.tokenizer_for`;
+                           not a ``random`` teacher) by :class:`jkd.data.DataPipeline`
 ``data.seq_len``, ``data.batch_size`` (global), ``data.seed`` (shuffling)
+``data.shape``             ``""`` (the dataset's own: ``text``, ``prompt_completion``, ``chat``,
+                           or ``tokenized`` for token arrays such as an offline teacher cache)
+``data.pack``              pack documents into rows (``segment_ids``/``positions``, no attention
+                           across documents) instead of padding each one
+``data.overflow``          an example longer than ``seq_len``: ``truncate`` (counted) or
+                           ``error``; empty text/completion lines are an error at import
+``data.chat_template``     prompt/completion through the tokenizer's chat template (loss on the
+                           completion / assistant turns only)
+``data.split``, ``data.eval_split``  splits of ``tfds``/``jsonl`` data (``eval_split`` ``""``:
+                           ``eval`` when the dataset has it, else no evaluation)
+``data.eval_fraction``     ``jsonl``: move this fraction of the lines to the ``eval`` split
+``data.name``, ``data.data_dir``  a ``tfds`` dataset by name; ``data.cache_dir``: where ``jsonl``
+                           datasets are built (default ``~/.cache/jkd/datasets``)
 ``train.steps``, ``train.grad_accum``, ``train.log_every``
 ``train.max_nan_steps``    stop after this many non-finite (skipped) steps in a row
 ``train.peak_tflops_per_device``  for MFU (``perf/mfu``): 989 is an H100's dense bf16 peak
 ``train.progress_bar``     tqdm bar on process 0
 ``eval.every``             steps between evaluations (0: only at the end); ``eval.batches``:
-                           at most this many eval batches (0: all)
+                           at most this many eval batches (0: all); ``eval.at_start``: also
+                           evaluate the initial student (step 0) in a fresh run
+``corpus.*``               ``data.source=teacher_corpus``: ``prompts`` (a JSONL file; ``""``:
+                           the shipped instruction set), ``holdout_every`` (prompts whose id
+                           number is a multiple of it are held out for evaluation), ``limit``
+                           (at most this many train prompts; 0: all), ``max_new_tokens``,
+                           ``batch_size``, ``temperature``, ``top_p``, ``seed`` of the teacher's
+                           sampling
+``report.*``               ``enabled``: write ``report.md``/``report.json``/``curves.png`` in
+                           the workdir (:mod:`jkd.train.report`) with ``samples`` greedy samples
+                           of ``sample_tokens`` tokens on held-out prompts; ``title``
+``onpolicy.mode``          ``""`` (off), ``gkd`` (GKD: with probability ``lmbda`` a batch's
+                           completions are the student's samples) or ``distillm`` (DistiLLM:
+                           a share ``p`` of each batch's rows are student samples, replayed
+                           from a buffer of ``buffer_size`` or, with probability ``lmbda``,
+                           fresh; ``p`` grows by ``p_step`` when ``metric`` does not improve
+                           between evaluations); see :mod:`jkd.train.onpolicy`
+``onpolicy.*``             sampling: ``temperature``, ``top_p``, ``max_new_tokens``,
+                           ``eos_id`` (-1: none), ``pad_id``
 ``checkpoint.every``       steps between checkpoints (0: only at the end and on SIGTERM);
                            ``keep``: newest to keep; ``best_metric``/``best_mode``: also keep the
                            best by an eval metric (e.g. ``eval/kl_forward``, ``min``);
@@ -63,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
       max_position_embeddings=8192))
   c.teacher.dtype = "float32"
   c.teacher.param_dtype = "float32"
+  c.teacher.tokenizer = ""
 
   c.student = ml_collections.ConfigDict()
   c.student.source = "layers"
@@ -86,14 +128,24 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", eval_path="", num_examples=4096, eval_examples=256,
-      seq_len=256, batch_size=32, seed=0))
+      seq_len=256, batch_size=32, seed=0, shape="", pack=False, overflow="truncate",
+      chat_template=True, split="train", eval_split="", eval_fraction=0.0, name="",
+      data_dir="", cache_dir="~/.cache/jkd/datasets"))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, grad_accum=1, log_every=10, max_nan_steps=10, peak_tflops_per_device=989.0,
       progress_bar=True))
-  c.eval = ml_collections.ConfigDict(dict(every=200, batches=0))
+  c.eval = ml_collections.ConfigDict(dict(every=200, batches=0, at_start=False))
+  c.onpolicy = ml_collections.ConfigDict(dict(
+      mode="", lmbda=0.5, temperature=0.9, max_new_tokens=128, top_p=1.0, eos_id=-1, pad_id=0,
+      buffer_size=1000, p_step=0.1, metric="eval/kl_forward"))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200, keep=3, best_metric="", best_mode="min", async_save=True))
+  c.corpus = ml_collections.ConfigDict(dict(
+      prompts="", holdout_every=10, limit=0, max_new_tokens=64, batch_size=8, temperature=0.7,
+      top_p=0.95, seed=0))
+  c.report = ml_collections.ConfigDict(dict(
+      enabled=False, samples=3, sample_tokens=48, title="jkd distillation run"))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
   c.distributed = ml_collections.ConfigDict(dict(
       initialization_timeout_s=300, heartbeat_timeout_s=60, shutdown_timeout_s=60))

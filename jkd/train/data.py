@@ -7,11 +7,15 @@ yield exactly the batches the interrupted one would have yielded next. Any objec
 ``__next__``, ``get_state`` and ``set_state`` can replace it in :func:`jkd.train.train`.
 
 :func:`make_sources` builds the train and eval sources of a config's ``data`` section
-(:data:`DATA_SOURCES`: synthetic bigram data, or ``.npz`` files of ``[N, T]`` arrays).
+(:data:`DATA_SOURCES`: synthetic bigram data, ``.npz`` files of ``[N, T]`` arrays, JSONL files
+built once into a cached TFDS dataset, or a stored TFDS dataset; the last two are served by
+:class:`jkd.data.DataPipeline` and tokenised with the teacher's tokenizer, :func:`tokenizer_for`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -175,22 +179,207 @@ def _load_npz(path: str, vocab: int) -> dict[str, np.ndarray]:
   return ex
 
 
-#: ``data.source`` -> ``(cfg, vocab) -> (train examples, eval examples or None)``.
-DATA_SOURCES: dict[str, Callable[[Any, int], tuple[dict, dict | None]]] = {
-    "synthetic": _synthetic,
-    "npz": lambda cfg, vocab: (_load_npz(cfg.data.path, vocab),
-                               _load_npz(cfg.data.eval_path, vocab) if cfg.data.eval_path
-                               else None),
+def _arrays(examples_fn):
+  """An in-memory ``(cfg, vocab) -> (train, eval examples)`` source as ArraySources."""
+
+  def sources(cfg, vocab: int, tokenizer=None):
+    del tokenizer
+    train_ex, eval_ex = examples_fn(cfg, vocab)
+    train_src = ArraySource(train_ex, cfg.data.batch_size, seed=cfg.data.seed)
+    eval_src = (ArraySource(eval_ex, min(cfg.data.batch_size, len(eval_ex["tokens"])),
+                            shuffle=False) if eval_ex is not None else None)
+    return train_src, eval_src
+
+  sources.needs_tokenizer = False
+  return sources
+
+
+def _jsonl_cache_name(files: list[str], extra: Mapping[str, Any]) -> str:
+  """``jsonl_<hash>``: a hash of the files' contents and the build options."""
+  h = hashlib.sha256(json.dumps(dict(extra), sort_keys=True).encode())
+  for path in files:
+    h.update(b"\0file\0")
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  return "jsonl_" + h.hexdigest()[:20]
+
+
+def _paths(value) -> list[str]:
+  """Paths of a config value: a list, or a string of comma-separated paths/globs."""
+  if isinstance(value, str):
+    return [p.strip() for p in value.split(",") if p.strip()]
+  return [str(v) for v in value]
+
+
+def build_jsonl(cfg) -> str:
+  """The TFDS dataset of ``data.path`` (JSONL files) under ``data.cache_dir``, built once.
+
+  The dataset's name is a hash of the files' contents and the build options (``data.shape``,
+  ``data.eval_path``, ``data.eval_fraction``, ``data.seed``), so changed files build a new one.
+  """
+  from jkd.data import jsonl, store  # noqa: PLC0415
+
+  d = cfg.data
+  if not _paths(d.path):
+    raise ValueError("data.source='jsonl' needs data.path (a JSONL file, a glob, or a list).")
+  train_files = jsonl.expand_paths(_paths(d.path))
+  eval_files = jsonl.expand_paths(_paths(d.eval_path)) if _paths(d.eval_path) else []
+  options = {"shape": d.shape or None, "eval_fraction": float(d.eval_fraction),
+             "seed": int(d.seed) if d.eval_fraction else 0}
+  name = _jsonl_cache_name(train_files + eval_files, {**options, "n_train": len(train_files),
+                                                      "n_eval": len(eval_files)})
+  root = os.path.expanduser(d.cache_dir)
+  try:
+    return store._find(os.path.join(root, name))  # pylint: disable=protected-access
+  except FileNotFoundError:
+    pass
+  try:
+    return jsonl.build_jsonl_dataset(train_files, root, name, shape=options["shape"],
+                                     splits={"eval": eval_files} if eval_files else None,
+                                     eval_fraction=options["eval_fraction"],
+                                     seed=options["seed"])
+  except FileExistsError:  # Another process built it meanwhile.
+    return store._find(os.path.join(root, name))  # pylint: disable=protected-access
+
+
+def _tfds_path(cfg) -> str:
+  d = cfg.data
+  if d.path:
+    return os.path.expanduser(str(d.path))
+  if not d.name or not d.data_dir:
+    raise ValueError("data.source='tfds' needs data.path (a TFDS dataset directory) or"
+                     " data.name and data.data_dir.")
+  return os.path.join(os.path.expanduser(d.data_dir), d.name)
+
+
+def _pipelines(path_fn):
+  """A stored-dataset ``(cfg, vocab, tokenizer) -> (train, eval)`` source of DataPipelines."""
+
+  def sources(cfg, vocab: int, tokenizer=None):
+    from jkd.data import pipeline, store  # noqa: PLC0415
+
+    d = cfg.data
+    path = path_fn(cfg)
+    if tokenizer is not None and len(tokenizer) > vocab:
+      raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary"
+                       f" has {vocab}: they do not belong together; use the teacher's"
+                       " tokenizer.")
+    splits = set(store.read_metadata(path).get("splits", ())) or None
+    eval_split = d.eval_split or ("eval" if splits and "eval" in splits else "")
+    kw = dict(tokenizer=tokenizer, shape=d.shape or None, seq_len=int(d.seq_len),
+              pack=bool(d.pack), chat_template=bool(d.chat_template), overflow=d.overflow,
+              vocab_size=vocab)
+    train = pipeline.text_pipeline(path, d.split, batch_size=int(d.batch_size),
+                                   seed=int(d.seed), **kw)
+    evals = None
+    if eval_split:
+      evals = pipeline.text_pipeline(path, eval_split, batch_size=int(d.batch_size),
+                                     shuffle=False, **kw)
+    return train, evals
+
+  sources.needs_tokenizer = True
+  return sources
+
+
+#: ``data.source`` -> ``(cfg, vocab, tokenizer) -> (train source, eval source or None)``;
+#: ``.needs_tokenizer`` says whether :func:`make_sources` must find the teacher's tokenizer.
+DATA_SOURCES: dict[str, Callable[..., tuple[Any, Any]]] = {
+    "synthetic": _arrays(_synthetic),
+    "npz": _arrays(lambda cfg, vocab: (_load_npz(cfg.data.path, vocab),
+                                       _load_npz(cfg.data.eval_path, vocab)
+                                       if cfg.data.eval_path else None)),
+    "jsonl": _pipelines(build_jsonl),
+    "tfds": _pipelines(_tfds_path),
 }
 
 
-def make_sources(cfg, vocab: int) -> tuple[ArraySource, ArraySource | None]:
-  """The train source (shuffled) and the eval source (in order, or None) of ``data.source``."""
+def _corpus_sources(cfg, vocab, tokenizer):
+  raise ValueError("data.source='teacher_corpus' is prepared by `python -m jkd.train` (or"
+                   " jkd.train.stages.run), which writes the corpus in the workdir first; from"
+                   " Python call jkd.train.stages.run(cfg, workdir) instead of train().")
+
+
+_corpus_sources.needs_tokenizer = False
+DATA_SOURCES["teacher_corpus"] = _corpus_sources
+
+
+def _no_tokenizer(cfg):
+  raise ValueError("a text dataset needs a teacher with a tokenizer: teacher.source 'random'"
+                   " has none; use teacher.source smollm2, gguf or hf, or tokenized data"
+                   " (data.shape='tokenized', data.source='npz' or 'synthetic').")
+
+
+def _gguf_tokenizer(path: str):
+  from jkd.models import gguf_io  # noqa: PLC0415
+  return gguf_io.load_tokenizer(path)
+
+
+def _hf_tokenizer(path: str):
+  from transformers import AutoTokenizer  # noqa: PLC0415
+  return AutoTokenizer.from_pretrained(os.path.expanduser(path))
+
+
+def _smollm2_tokenizer(cfg):
+  from jkd.models import gguf_io  # noqa: PLC0415
+  return gguf_io.load_tokenizer(gguf_io.smollm2_gguf_path())
+
+
+#: ``teacher.source`` -> ``cfg -> tokenizer`` (the teacher's).
+TOKENIZER_SOURCES: dict[str, Callable[[Any], Any]] = {
+    "smollm2": _smollm2_tokenizer,
+    "gguf": lambda cfg: _gguf_tokenizer(cfg.teacher.path),
+    "hf": lambda cfg: _hf_tokenizer(cfg.teacher.path),
+    "random": _no_tokenizer,
+}
+
+
+def tokenizer_for(cfg):
+  """The teacher's ``transformers`` tokenizer (``teacher.source`` smollm2, gguf or hf; or a
+  character-level one of ``teacher.model.vocab_size`` ids when ``teacher.tokenizer='char'``).
+
+  Raises:
+    ValueError: a ``random`` teacher (no tokenizer) or an unknown source.
+  """
+  if cfg.teacher.get("tokenizer") == "char":
+    from jkd.data.teacher_cache import char_tokenizer  # noqa: PLC0415
+    return char_tokenizer(int(cfg.teacher.model.vocab_size))
+  if cfg.teacher.get("tokenizer"):
+    raise ValueError(f"unknown teacher.tokenizer {cfg.teacher.tokenizer!r}; use '' (the"
+                     " teacher's own) or 'char'.")
+  if cfg.teacher.source not in TOKENIZER_SOURCES:
+    raise ValueError(f"unknown teacher.source {cfg.teacher.source!r}; choose one of"
+                     f" {sorted(TOKENIZER_SOURCES)}.")
+  return TOKENIZER_SOURCES[cfg.teacher.source](cfg)
+
+
+def make_sources(cfg, vocab: int, tokenizer=None) -> tuple[Any, Any]:
+  """The train source (shuffled) and the eval source (in order, or None) of ``data.source``.
+
+  Args:
+    cfg: the training config (its ``data`` and, for text data, ``teacher`` sections).
+    vocab: the model's vocabulary size (token ids must be below it).
+    tokenizer: the tokenizer of text data (``jsonl``/``tfds``); None: :func:`tokenizer_for`
+      when the data is text (not ``data.shape='tokenized'``).
+
+  Returns:
+    ``(train, eval or None)``: :class:`ArraySource` (``synthetic``, ``npz``) or
+    :class:`jkd.data.DataPipeline` (``jsonl``, ``tfds``).
+  """
   if cfg.data.source not in DATA_SOURCES:
     raise ValueError(f"unknown data.source {cfg.data.source!r}; choose one of"
                      f" {sorted(DATA_SOURCES)}.")
-  train_ex, eval_ex = DATA_SOURCES[cfg.data.source](cfg, vocab)
-  train_src = ArraySource(train_ex, cfg.data.batch_size, seed=cfg.data.seed)
-  eval_src = (ArraySource(eval_ex, min(cfg.data.batch_size, len(eval_ex["tokens"])),
-                          shuffle=False) if eval_ex is not None else None)
-  return train_src, eval_src
+  fn = DATA_SOURCES[cfg.data.source]
+  if tokenizer is None and fn.needs_tokenizer and _is_text(cfg):
+    tokenizer = tokenizer_for(cfg)
+  return fn(cfg, vocab, tokenizer)
+
+
+def _is_text(cfg) -> bool:
+  """Whether the configured stored dataset needs tokenising (not ``tokenized`` data)."""
+  if cfg.data.shape:
+    return cfg.data.shape != "tokenized"
+  if cfg.data.source != "tfds":
+    return True
+  from jkd.data import store  # noqa: PLC0415
+  return store.read_metadata(_tfds_path(cfg)).get("shape", "tokenized") != "tokenized"

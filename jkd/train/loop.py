@@ -33,9 +33,10 @@ from jkd import losses
 from jkd.train import build
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import evaluate as eval_lib
+from jkd.train import onpolicy
 from jkd.train import sharding
 from jkd.train.data import make_sources
-from jkd.train.step import make_optimizer, make_train_step, step_flops
+from jkd.train.step import batch_work, make_optimizer, make_train_step
 from jkd.train.writer import MetricsWriter
 
 class NonFiniteError(RuntimeError):
@@ -198,10 +199,11 @@ class _Batches:
     """Shardings for batches like ``batch`` (checked: each process holds its own rows)."""
     out = {k: sharding.batch_sharding(self.mesh, self.rules, ndim=np.ndim(v))
            for k, v in batch.items()}
-    rows, *rest = np.shape(batch["tokens"])
+    name = next((k for k in ("tokens", "chosen_tokens") if k in batch), next(iter(batch)))
+    rows, *rest = np.shape(batch[name])
     total = rows * jax.process_count()
     slices = {index[0].indices(total)[:2] for index in
-              out["tokens"].addressable_devices_indices_map((total, *rest)).values()}
+              out[name].addressable_devices_indices_map((total, *rest)).values()}
     if sum(hi - lo for lo, hi in slices) != rows:
       raise ValueError(f"the mesh {dict(self.mesh.shape)} does not split the batch across the"
                        f" {jax.process_count()} processes (each serves {rows} of {total} rows):"
@@ -252,7 +254,11 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
     workdir: the run's directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
       ``config.json``. A workdir with checkpoints resumes from the newest.
     train_source: replaces the config's data: an iterator of per-process ``{name: [b, T]}``
-      numpy batches with ``get_state()``/``set_state()`` (e.g. an :class:`ArraySource`).
+      numpy batches with ``get_state()``/``set_state()`` (e.g. an :class:`ArraySource`;
+      preference batches work too). With ``onpolicy.mode`` set it is wrapped in the mode's
+      source (:mod:`jkd.train.onpolicy`). A source with ``set_policy(params)`` gets the current
+      student before each batch; one with ``report_eval(metrics)`` the eval metrics after each
+      evaluation.
     eval_source: an object whose ``one_epoch()`` yields eval batches (or None: no evaluation
       unless the config's data provides it).
 
@@ -292,6 +298,8 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
   if train_source is None:
     train_source, config_eval = make_sources(cfg, teacher_spec.config.vocab_size)
     eval_source = eval_source if eval_source is not None else config_eval
+  if "onpolicy" in cfg:
+    train_source = onpolicy.wrap_source(cfg, train_source, student_cfg)
 
   with contextlib.ExitStack() as cleanup:
     ck = cfg.checkpoint
@@ -353,15 +361,16 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
       if preemption(step):
         status = "preempted"
         break
+      if hasattr(train_source, "set_policy"):  # On-policy sources sample from the student.
+        train_source.set_policy(state.params)
       batch = next(train_source)
       if compiled is None:  # On the first batch: its arrays decide the shardings.
         batch_sh = batches.shardings(batch)
         compiled = jax.jit(step_with_key,
                            in_shardings=(state_sh, batch_sh, replicated, teacher.shardings),
                            out_shardings=(state_sh, replicated), donate_argnums=0)
-        b, t = np.shape(batch["tokens"])
-        tokens = b * jax.process_count() * t
-        monitor.set_work(tokens, step_flops(student_cfg, teacher.config, tokens, t))
+        monitor.set_work(*batch_work({k: np.shape(v) for k, v in batch.items()}, student_cfg,
+                                     teacher.config, objective, jax.process_count()))
       state, metrics = compiled(state, batches.place(batch, batch_sh), step_key,
                                 teacher.params)
       step += 1
@@ -377,6 +386,8 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
         eval_metrics = last_eval = evaluator(state.params)
         if eval_metrics is not None:
           writer.write(step, eval_metrics)
+          if hasattr(train_source, "report_eval"):  # E.g. DistiLLM's adaptive schedule.
+            train_source.report_eval(eval_metrics)
       if do_save:
         save(step, eval_metrics)
       if do_eval or do_save:

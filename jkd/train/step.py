@@ -18,6 +18,7 @@ import optax
 
 from jkd import losses
 from jkd import models
+from jkd.train import preference_step
 
 PyTree = Any
 
@@ -92,7 +93,15 @@ def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[s
                  student_config: models.ModelConfig,
                  teacher_config: models.ModelConfig | None,
                  objective: losses.Objective) -> tuple[dict[str, Any], jax.Array]:
-  """Runs the student (and the teacher, when given) and gathers the objective's inputs."""
+  """Runs the student (and the teacher, when given) and gathers the objective's inputs.
+
+  A preference batch (``chosen_tokens``, ...) or a KTO batch (``desirable``) goes to
+  :func:`jkd.train.preference_step.preference_inputs`; any other batch is a language-model batch.
+  """
+  if preference_step.is_preference_batch(batch):
+    return preference_step.preference_inputs(
+        params, teacher_params, batch, student_config=student_config,
+        teacher_config=teacher_config, objective=objective, fused=_needs(objective)["fused"])
   need = _needs(objective)
   common = dict(attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
                 segment_ids=batch.get("segment_ids"))
@@ -107,11 +116,14 @@ def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[s
       "teacher_topk_ids": batch.get("teacher_topk_ids"),
       "teacher_topk_logprobs": batch.get("teacher_topk_logprobs"),
       "teacher_tail_logprob": batch.get("teacher_tail_logprob"),
+      "teacher_index": batch.get("teacher_index"),
   }
   if teacher_params is not None:
-    t = models.apply(teacher_params, batch["tokens"], config=teacher_config,
+    t = models.apply(teacher_params, batch.get("teacher_tokens", batch["tokens"]),
+                     config=teacher_config,
                      return_logits=not need["fused"], output_hidden_states=need["hidden_states"],
-                     output_attentions=need["attentions"], **common)
+                     output_attentions=need["attentions"],
+                     **(common if "teacher_tokens" not in batch else {}))
     t = jax.tree.map(jax.lax.stop_gradient, t)
     inputs.update(teacher_logits=t.logits, teacher_hidden=t.hidden,
                   teacher_head=jax.lax.stop_gradient(models.output_head(teacher_params,
@@ -119,6 +131,17 @@ def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[s
                   teacher_hiddens=t.hidden_states, teacher_attentions=t.attentions)
   aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
   return inputs, jnp.asarray(aux, jnp.float32)
+
+
+#: Batch fields named ``metric/<name>`` (``[batch]`` floats) are logged as ``<name>`` (their
+#: mean): a batch source reports through them (e.g. ``metric/onpolicy/fraction``).
+METRIC_PREFIX = "metric/"
+
+
+def batch_metrics(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """``{name: mean}`` of the batch's ``metric/<name>`` fields (see :data:`METRIC_PREFIX`)."""
+  return {k[len(METRIC_PREFIX):]: jnp.mean(jnp.asarray(v, jnp.float32))
+          for k, v in batch.items() if k.startswith(METRIC_PREFIX)}
 
 
 def make_train_step(*, student_config: models.ModelConfig,
@@ -129,7 +152,9 @@ def make_train_step(*, student_config: models.ModelConfig,
 
   ``batch`` holds ``tokens``, ``labels`` (``-100`` where no loss), and optionally
   ``attention_mask``, ``loss_mask``, ``positions``, ``segment_ids`` and a sparse teacher
-  (``teacher_topk_ids``, ``teacher_topk_logprobs``), all ``[batch, seq, ...]``. With
+  (``teacher_topk_ids``, ``teacher_topk_logprobs``), all ``[batch, seq, ...]``; or it is a
+  preference batch (chosen/rejected pairs, or KTO: :mod:`jkd.train.preference_step`). Fields
+  ``metric/<name>`` (``[batch]`` floats) are logged as ``<name>`` (their mean). With
   ``grad_accum > 1`` the batch is split into that many micro-batches whose gradients are
   averaged. Jit it with ``donate_argnums=0``.
   """
@@ -142,7 +167,8 @@ def make_train_step(*, student_config: models.ModelConfig,
     total, metrics = objective(inputs, objective_state)
     if student_config.num_experts:
       metrics["loss/moe_aux"] = aux
-    metrics["train/tokens"] = jnp.sum(losses.token_mask(inputs)).astype(jnp.float32)
+    metrics["train/tokens"] = preference_step.completion_tokens(batch, inputs)
+    metrics.update(batch_metrics(batch))
     return total + aux, metrics
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -211,3 +237,20 @@ def step_flops(student: models.ModelConfig, teacher: models.ModelConfig | None,
   if teacher is not None:
     total += flops_per_token(teacher, seq_len) * tokens
   return total
+
+
+def batch_work(batch_shapes: Mapping[str, tuple[int, ...]], student: models.ModelConfig,
+               teacher: models.ModelConfig | None, objective: losses.Objective,
+               processes: int = 1) -> tuple[int, float]:
+  """``(tokens, model FLOPs)`` of one train step on batches of these per-process shapes.
+
+  Tokens are the student's input tokens (both sequences of a preference pair); FLOPs are the
+  student's forward+backward (3x) and the teacher's forward where it runs (a language-model
+  batch, or a preference batch whose reference comes from the teacher).
+  """
+  rows, teacher_rows, seq = preference_step.work(batch_shapes, objective)
+  tokens = rows * processes * seq
+  flops = step_flops(student, None, tokens, seq)
+  if teacher is not None and teacher_rows:
+    flops += flops_per_token(teacher, seq) * teacher_rows * processes * seq
+  return tokens, flops

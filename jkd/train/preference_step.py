@@ -1,0 +1,246 @@
+"""Preference batches in the one train step: paired (DPO family, SimPO, ORPO, ...) and KTO.
+
+:func:`jkd.train.model_inputs` hands these batches here. A **paired** batch holds
+
+=============================  ================================================================
+``chosen_tokens``              ``[B, T]`` int32, prompt + chosen completion, right-padded
+``chosen_labels``              ``[B, T]`` next tokens, ``-100`` on the prompt and the padding
+``rejected_tokens``/``_labels``  the same for the rejected completion (same ``T``)
+``chosen_loss_mask``           optional ``[B, T]`` bool (and ``rejected_loss_mask``)
+``reference_chosen_logps``     optional ``[B]`` float32 summed reference log-probs (and
+                               ``reference_rejected_logps``): a precomputed reference
+=============================  ================================================================
+
+The student runs **once** over chosen and rejected concatenated on the batch axis (``2B`` rows);
+:func:`jkd.losses.sequence_logprobs` (or :func:`jkd.losses.fused_sequence_logprobs` when a term
+has ``fused=True``) gives ``policy_chosen``/``policy_rejected``. The reference
+(``ref_chosen``/``ref_rejected``) comes from the batch when both reference fields are there,
+else from the frozen teacher's forward over the same ``2B`` rows: the teacher *is* the reference
+model (for plain DPO configure it as the initial policy, e.g. ``student.source="layers"`` with
+``every=1``; for LLaVA-MoD-style DPO it is the big teacher). The teacher does not run at all when
+no term reads a reference (SimPO, ORPO, CPO, REDI) and no distillation term is in the objective.
+The chosen half is also given as ``student_logits``/``teacher_logits``/``labels``, so a
+``cross_entropy`` term adds the NLL of the chosen completion (RPO) and a divergence term distils
+on it.
+
+A **KTO** batch holds ``tokens``, ``labels`` (optionally ``loss_mask``) and ``desirable`` ``[B]``
+bool; optionally ``reference_logps`` and ``reference_kl_logps`` ``[B]``. KTO's reference point
+needs the completions on *mismatched* prompts: taken from ``kl_tokens``/``kl_labels`` when the
+batch has them, else built in the step as TRL does, by pairing the prompt of row ``i`` with the
+completion of row ``(i + 1) % B`` (:func:`mismatched_pairs`; with gradient accumulation, within
+each micro-batch). The student and the teacher run once over the ``2B`` rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jkd import losses
+from jkd import models
+
+PyTree = Any
+
+_PAIR_KEYS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels")
+_PAIR_REFERENCE = ("reference_chosen_logps", "reference_rejected_logps")
+_KTO_KEYS = ("tokens", "labels", "desirable")
+_KTO_REFERENCE = ("reference_logps", "reference_kl_logps")
+
+
+def is_preference_batch(batch: Mapping[str, Any]) -> bool:
+  """True for a paired (``chosen_tokens``) or a KTO (``desirable``) batch."""
+  return "chosen_tokens" in batch or "desirable" in batch
+
+
+def _needed_inputs(objective: losses.Objective) -> tuple[set[str], bool]:
+  """The input names the objective's terms may read, and whether a non-preference term is in."""
+  names, other = set(), False
+  for t in objective.terms:
+    needs = {n for alternative in t.term.needs for n in alternative}
+    names |= needs
+    other |= not needs & {"policy_chosen", "policy"}
+  return names, other
+
+
+def runs_teacher(objective: losses.Objective, batch_keys) -> bool:
+  """Whether the step runs the teacher on a preference batch with these keys: a term needs a
+  reference the batch lacks, or a (distillation) term other than the preference ones is in."""
+  names, other = _needed_inputs(objective)
+  keys = set(batch_keys)
+  given = _KTO_REFERENCE if "desirable" in keys else _PAIR_REFERENCE
+  return other or (bool(names & {"ref_chosen", "ref"}) and not set(given) <= keys)
+
+
+def _check(batch: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  kto = "desirable" in batch
+  required, given = (_KTO_KEYS, _KTO_REFERENCE) if kto else (_PAIR_KEYS, _PAIR_REFERENCE)
+  missing = [k for k in required if k not in batch]
+  if missing:
+    raise ValueError(f"a {'KTO' if kto else 'paired preference'} batch needs {list(required)};"
+                     f" missing {missing} (the batch has {sorted(batch)}).")
+  if not kto and jnp.shape(batch["chosen_tokens"]) != jnp.shape(batch["rejected_tokens"]):
+    raise ValueError(f"chosen_tokens {jnp.shape(batch['chosen_tokens'])} and rejected_tokens"
+                     f" {jnp.shape(batch['rejected_tokens'])} differ in shape: pad both to one"
+                     " [B, T].")
+  half = [k for k in given if k in batch]
+  if len(half) == 1:
+    raise ValueError(f"the batch has {half[0]} but not {[k for k in given if k not in batch]}:"
+                     " give both precomputed reference fields or neither.")
+  return required, given
+
+
+def _labels(labels, mask):
+  labels = jnp.asarray(labels)
+  return labels if mask is None else jnp.where(jnp.asarray(mask, bool), labels,
+                                                losses.IGNORE_INDEX)
+
+
+def mismatched_pairs(tokens: jax.Array, labels: jax.Array, *, pad_id: int = 0
+                     ) -> tuple[jax.Array, jax.Array]:
+  """KTO's mismatched pairs: the prompt of row ``i`` followed by the completion of row
+  ``(i + 1) % B`` (truncated to ``T``).
+
+  The prompt of a row is its tokens up to and including the first loss position (the position
+  that predicts the first completion token); its completion is the run of labels from there
+  (assumed contiguous).
+
+  Args:
+    tokens: ``[B, T]`` int token ids.
+    labels: ``[B, T]`` next tokens, ``-100`` where no loss is taken.
+    pad_id: the token written after a completion.
+
+  Returns:
+    ``(tokens, labels)`` of the mismatched rows, ``[B, T]`` each.
+
+  >>> import jax.numpy as jnp
+  >>> tok = jnp.array([[1, 2, 3, 0], [4, 5, 6, 7]])
+  >>> lab = jnp.array([[-100, 3, 9, -100], [-100, -100, 7, 8]])
+  >>> t, l = mismatched_pairs(tok, lab)
+  >>> t.tolist(), l.tolist()
+  ([[1, 2, 7, 8], [4, 5, 6, 3]], [[-100, 7, 8, -100], [-100, -100, 3, 9]])
+  """
+  tokens, labels = jnp.asarray(tokens), jnp.asarray(labels)
+  t = tokens.shape[1]
+  valid = labels != losses.IGNORE_INDEX
+  start = jnp.where(valid.any(-1), jnp.argmax(valid, -1), t - 1)
+  length = valid.sum(-1)
+  nxt_start, nxt_len = jnp.roll(start, -1), jnp.roll(length, -1)
+  nxt_labels = jnp.roll(labels, -1, axis=0)
+  off = jnp.arange(t)[None, :] - start[:, None]  # Offset from this row's first loss position.
+
+  def completion(shift):  # c_next[off - shift], clipped into the row.
+    src = jnp.clip(nxt_start[:, None] + off - shift, 0, t - 1)
+    return jnp.take_along_axis(nxt_labels, src, axis=1)
+
+  new_labels = jnp.where((off >= 0) & (off < nxt_len[:, None]), completion(0),
+                         losses.IGNORE_INDEX)
+  new_tokens = jnp.where(off <= 0, tokens,
+                         jnp.where(off - 1 < nxt_len[:, None], completion(1), pad_id))
+  return new_tokens.astype(tokens.dtype), new_labels.astype(labels.dtype)
+
+
+def _from_batch(sums: jax.Array, count: jax.Array) -> losses.SequenceLogprobs:
+  sums = jnp.asarray(sums, jnp.float32)
+  return losses.SequenceLogprobs(sum=sums, mean=jnp.where(count > 0, sums / jnp.maximum(count, 1),
+                                                          jnp.nan), count=count)
+
+
+def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
+                      student_config: models.ModelConfig,
+                      teacher_config: models.ModelConfig | None, objective: losses.Objective,
+                      fused: bool = False) -> tuple[dict[str, Any], jax.Array]:
+  """The objective's inputs for a paired or KTO batch (see the module docstring).
+
+  Args:
+    params: the student's (policy's) parameters.
+    teacher_params: the frozen teacher (the reference model), or None.
+    batch: a paired or KTO batch, ``[B, T]`` token fields.
+    student_config, teacher_config: the models' configs.
+    objective: the objective (decides whether the teacher runs).
+    fused: sequence log-probs from hidden states and the head, chunked over tokens.
+
+  Returns:
+    ``(inputs, aux)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``
+    (KTO: ``policy``, ``ref``, ``policy_kl``, ``ref_kl``, ``desirable``) as
+    :class:`jkd.losses.SequenceLogprobs` of ``[B]`` arrays; ``labels``, ``student_logits``
+    ``[B, T, V]`` (and the teacher's) of the chosen (KTO: the given) completions; ``aux`` the
+    MoE router loss (0 without experts).
+  """
+  _, given = _check(batch)
+  if "desirable" in batch:
+    first = (jnp.asarray(batch["tokens"]), _labels(batch["labels"], batch.get("loss_mask")))
+    if "kl_tokens" in batch:
+      second = (jnp.asarray(batch["kl_tokens"]), _labels(batch["kl_labels"], None))
+    else:
+      second = mismatched_pairs(*first)
+  else:
+    first = (jnp.asarray(batch["chosen_tokens"]),
+             _labels(batch["chosen_labels"], batch.get("chosen_loss_mask")))
+    second = (jnp.asarray(batch["rejected_tokens"]),
+              _labels(batch["rejected_labels"], batch.get("rejected_loss_mask")))
+  b = first[0].shape[0]
+  tokens = jnp.concatenate([first[0], second[0]], axis=0)
+  labels = jnp.concatenate([first[1], second[1]], axis=0)
+
+  s = models.apply(params, tokens, config=student_config, return_logits=not fused)
+  head = models.output_head(params, student_config)
+  t = t_head = None
+  if teacher_params is not None and runs_teacher(objective, batch.keys()):
+    t = jax.tree.map(jax.lax.stop_gradient,
+                     models.apply(teacher_params, tokens, config=teacher_config,
+                                  return_logits=not fused))
+    t_head = jax.lax.stop_gradient(models.output_head(teacher_params, teacher_config))
+
+  def logprobs(out, out_head):
+    if fused:
+      return losses.fused_sequence_logprobs(out.hidden, out_head, labels)
+    return losses.sequence_logprobs(out.logits, labels)
+
+  policy = logprobs(s, head)
+  if all(k in batch for k in given):
+    ref = _from_batch(jnp.concatenate([jnp.asarray(batch[k]) for k in given]), policy.count)
+  elif t is not None:
+    ref = jax.tree.map(jax.lax.stop_gradient, logprobs(t, t_head))
+  else:
+    ref = None
+  halves = lambda lp: ((None, None) if lp is None else  # noqa: E731
+                       (jax.tree.map(lambda x: x[:b], lp), jax.tree.map(lambda x: x[b:], lp)))
+  (pa, pb), (ra, rb) = halves(policy), halves(ref)
+  if "desirable" in batch:
+    inputs = {"policy": pa, "ref": ra, "policy_kl": jax.tree.map(jax.lax.stop_gradient, pb),
+              "ref_kl": rb, "desirable": jnp.asarray(batch["desirable"], bool)}
+  else:
+    inputs = {"policy_chosen": pa, "policy_rejected": pb, "ref_chosen": ra, "ref_rejected": rb}
+  first_half = lambda x: None if x is None else x[:b]  # noqa: E731
+  inputs.update(labels=first[1], where=None, student_logits=first_half(s.logits),
+                student_hidden=first_half(s.hidden), student_head=head)
+  if t is not None:
+    inputs.update(teacher_logits=first_half(t.logits), teacher_hidden=first_half(t.hidden),
+                  teacher_head=t_head)
+  aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
+  return inputs, jnp.asarray(aux, jnp.float32)
+
+
+def completion_tokens(batch: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
+  """``train/tokens``: the counted (completion) tokens of a batch; chosen + rejected for pairs."""
+  if "chosen_labels" in batch:
+    count = sum(jnp.sum(_labels(batch[f"{side}_labels"], batch.get(f"{side}_loss_mask"))
+                        != losses.IGNORE_INDEX) for side in ("chosen", "rejected"))
+  else:
+    count = jnp.sum(losses.token_mask(inputs))
+  return jnp.asarray(count, jnp.float32)
+
+
+def work(batch_shapes: Mapping[str, tuple[int, ...]], objective: losses.Objective
+         ) -> tuple[int, int, int]:
+  """``(rows the student runs, rows the teacher runs, sequence length)`` of one batch with these
+  array shapes (pairs: chosen + rejected; KTO: the given and the mismatched rows)."""
+  if "chosen_tokens" in batch_shapes:
+    rows, seq = batch_shapes["chosen_tokens"][:2]
+  else:
+    rows, seq = batch_shapes["tokens"][:2]
+    if "desirable" not in batch_shapes:
+      return rows, rows, seq
+  return 2 * rows, 2 * rows if runs_teacher(objective, batch_shapes) else 0, seq
