@@ -2,7 +2,9 @@
 
 Overrides: ``--config.optimizer.lr=3e-4``. The config is locked, so a misspelt key is an error
 that names the nearest keys. The resolved config is printed and saved to ``DIR/config.json``;
-a workdir with checkpoints resumes from the newest. Exit status: 0 when done or preempted
+a workdir with checkpoints resumes from the newest. Around training, :func:`jkd.train.stages.run`
+writes a teacher corpus first (``data.source=teacher_corpus``) and a report after
+(``report.enabled``). Exit status: 0 when done or preempted
 (SIGTERM, after saving), 3 after too many non-finite steps, 4 for an unreadable checkpoint.
 """
 
@@ -18,6 +20,7 @@ from ml_collections import config_flags
 
 from jkd.train import checkpoint
 from jkd.train import loop
+from jkd.train import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]",
                                           lock_config=True)
@@ -40,7 +43,7 @@ def main(argv) -> int:
   if jax.process_index() == 0:
     print(config.to_json_best_effort(indent=2), flush=True)
   try:
-    result = loop.train(config, _WORKDIR.value)
+    result = stages.run(config, _WORKDIR.value)
   except loop.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 3

@@ -58,29 +58,37 @@ _DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 def initialize_distributed(cfg) -> bool:
   """``jax.distributed.initialize`` from the ``JAX_*`` environment variables, when set.
 
-  The heartbeat timeout (``distributed.heartbeat_timeout_s``) bounds how long the others wait
-  for a dead peer: they then exit with an error instead of hanging. Call it before any other
-  JAX work.
+  With ``JKD_DISTRIBUTED=auto`` and no ``JAX_COORDINATOR_ADDRESS``, JAX detects the cluster
+  itself (Cloud TPU VMs, SLURM, Open MPI). The heartbeat timeout
+  (``distributed.heartbeat_timeout_s``) bounds how long the others wait for a dead peer: they
+  then exit with an error instead of hanging. Call it before any other JAX work.
 
   Returns:
     True when running multi-process.
   """
   env = {k: os.environ.get(k, "") for k in _DIST_ENV}
-  if not env["JAX_COORDINATOR_ADDRESS"]:
+  mode = os.environ.get("JKD_DISTRIBUTED", "")
+  if mode not in ("", "auto"):
+    raise ValueError(f"JKD_DISTRIBUTED={mode!r}: use 'auto' (jax.distributed.initialize detects"
+                     " a Cloud TPU, SLURM or MPI cluster) or leave it unset.")
+  if not env["JAX_COORDINATOR_ADDRESS"] and mode != "auto":
     return False
-  missing = [k for k, v in env.items() if not v]
-  if missing:
-    raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all of"
-                     f" {list(_DIST_ENV)} for a multi-process run.")
+  kwargs = {}
+  if env["JAX_COORDINATOR_ADDRESS"]:
+    missing = [k for k, v in env.items() if not v]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all of"
+                       f" {list(_DIST_ENV)} for a multi-process run.")
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
   if not jax.distributed.is_initialized():
     d = cfg.distributed
     jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]),
-        initialization_timeout=int(d.initialization_timeout_s),
+        **kwargs, initialization_timeout=int(d.initialization_timeout_s),
         heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
         shutdown_timeout_seconds=int(d.shutdown_timeout_s))
-  return True
+  return jax.process_count() > 1
 
 
 class _Preemption:
@@ -219,8 +227,9 @@ class _Evaluator:
   """The jitted eval step over ``source.one_epoch()`` (at most ``max_batches``; 0: all)."""
 
   def __init__(self, source, batches: _Batches, *, student_config, teacher, params_shardings,
-               replicated, max_batches: int):
+               replicated, max_batches: int, prefix: str = "eval/"):
     self.source, self.batches, self.max_batches = source, batches, max_batches
+    self.prefix = prefix
     self.teacher = teacher
     self._step = eval_lib.make_eval_step(student_config=student_config,
                                          teacher_config=teacher.config)
@@ -242,10 +251,12 @@ class _Evaluator:
       self._compiled = jax.jit(self._step, out_shardings=replicated, in_shardings=(
           params_shardings, self.teacher.shardings, shardings))
     placed = (self.batches.place(b, shardings) for b in itertools.chain([first], local))
-    return eval_lib.evaluate_batches(self._compiled, params, self.teacher.params, placed)
+    metrics = eval_lib.evaluate_batches(self._compiled, params, self.teacher.params, placed)
+    return {self.prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}
 
 
-def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[str, Any]:
+def train(config, workdir: str, *, train_source=None, eval_source=None,
+          golden_source=None) -> dict[str, Any]:
   """Runs (or resumes) a training run in ``workdir``.
 
   Args:
@@ -259,6 +270,9 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
       source (:mod:`jkd.train.onpolicy`). A source with ``set_policy(params)`` gets the current
       student before each batch; one with ``report_eval(metrics)`` the eval metrics after each
       evaluation.
+    golden_source: like ``eval_source``, a golden reference (e.g. held-out human-written text)
+      evaluated with it; its metrics are named ``golden/*`` (the teacher-hacking monitor's
+      golden metric is ``golden/student_nll``, :mod:`jkd.train.monitor`).
     eval_source: an object whose ``one_epoch()`` yields eval batches (or None: no evaluation
       unless the config's data provides it).
 
@@ -337,6 +351,17 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
     evaluator = _Evaluator(eval_source, batches, student_config=student_cfg, teacher=teacher,
                            params_shardings=state_sh.params, replicated=replicated,
                            max_batches=int(cfg.eval.batches))
+    golden = _Evaluator(golden_source, batches, student_config=student_cfg, teacher=teacher,
+                        params_shardings=state_sh.params, replicated=replicated,
+                        max_batches=int(cfg.eval.batches), prefix="golden/")
+
+    def evaluate(params) -> dict[str, float] | None:
+      metrics = evaluator(params)
+      golden_metrics = golden(params)
+      if golden_metrics is not None:
+        metrics = {**(metrics or {}), **golden_metrics}
+      return metrics
+
     writer = MetricsWriter(workdir, start_step=start, enabled=primary)
     cleanup.callback(writer.close)
     from tqdm import tqdm  # noqa: PLC0415
@@ -350,6 +375,11 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
     cleanup.callback(preemption.close)
     eval_every, ckpt_every = int(cfg.eval.every), int(cfg.checkpoint.every)
     status, last_eval, step, compiled = "done", None, start, None
+    if start == 0 and restored is None and cfg.eval.get("at_start", False):
+      initial = evaluate(state.params)  # The initial student, logged at step 0.
+      if initial is not None:
+        writer.write(0, initial)
+      monitor.restart_clock()
 
     def save(step: int, metrics: Mapping[str, float] | None) -> None:
       if monitor.streak:
@@ -383,7 +413,7 @@ def train(config, workdir: str, *, train_source=None, eval_source=None) -> dict[
         raise NonFiniteError(_nan_message(monitor, checkpointer, step))
       eval_metrics = None
       if do_eval:
-        eval_metrics = last_eval = evaluator(state.params)
+        eval_metrics = last_eval = evaluate(state.params)
         if eval_metrics is not None:
           writer.write(step, eval_metrics)
           if hasattr(train_source, "report_eval"):  # E.g. DistiLLM's adaptive schedule.

@@ -159,13 +159,19 @@ def _markdown(facts: Mapping[str, Any], title: str) -> str:
   hacking = facts.get("teacher_hacking")
   if hacking:
     state = ("FLAGGED at step " + str(hacking["first_step"])) if hacking["flagged"] else "not flagged"
+    fit = hacking.get("fit")
+    fit_text = (f"power law fitted to the first evaluations: proxy = {math.exp(fit[0]):.3g} *"
+                f" step^{fit[1]:.3f}" if fit else "too few evaluations for a power-law fit")
     lines += ["## Teacher-hacking monitor", "",
-              f"{state} (proxy off its power-law fit: {hacking['off_fit']}; proxy improving while"
-              f" golden worsens: {hacking['diverging']}).", ""]
+              f"{state}: proxy (eval/kl_forward) off its power-law fit: {hacking['off_fit']};"
+              f" proxy improving while the golden metric (golden/student_nll) worsens:"
+              f" {hacking['diverging']}. {fit_text}.", ""]
   lines += [f"![curves]({CURVES_PNG})", ""]
   if facts.get("throughput") or facts.get("timings"):
     lines += ["## Throughput and time", ""]
     for k, v in {**facts.get("throughput", {}), **facts.get("timings", {})}.items():
+      if k == "mfu" and not v:
+        continue  # No peak FLOP/s configured (train.peak_tflops_per_device = 0).
       lines.append(f"- {k}: {_fmt(v)}")
     lines.append("")
   samples = facts.get("samples") or []
