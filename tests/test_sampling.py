@@ -250,6 +250,21 @@ def test_filter_logits_matches_numpy(case, rng):
   np.testing.assert_array_equal(np.isfinite(traced), np.isfinite(want))
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_top_p_over_a_large_vocabulary_matches_numpy(top_p, rng):
+  """Rows whose top NUCLEUS_CANDIDATES logits hold the nucleus (peaked, as LM rows) take the
+  fast path; a flat row forces the full sort: both agree with the reference."""
+  vocab = 3 * sampling.NUCLEUS_CANDIDATES + 17
+  peaked = rng.normal(size=(3, vocab)) * 1.0
+  peaked[:, :20] += 9.0  # almost all mass on a few tokens
+  flat = rng.normal(size=(3, vocab)) * 0.1  # the nucleus spans most of the vocabulary
+  for logits in (peaked, np.concatenate([peaked[:2], flat[:1]]), flat):
+    want = np_filter(logits, top_p=top_p)
+    got = np.asarray(jax.jit(functools.partial(sampling.filter_logits, top_p=top_p))(
+        jnp.asarray(logits, jnp.float32)))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+
+
 def test_filter_logits_neutral_values_are_identity(rng):
   x = jnp.asarray(rng.normal(size=(3, 17)), jnp.float32)
   np.testing.assert_array_equal(sampling.filter_logits(x), x)
