@@ -1,14 +1,15 @@
 """One distillation step, jkd vs a plain PyTorch loop: tokens/s, MFU and compiled memory.
 
     python bench/train_step.py                 # SmolLM2-135M teacher, 6-layer student
-    python bench/train_step.py --batch 4 --seq 256 --steps 5
+    python bench/train_step.py --batch 4 --seq 256 --steps 5 --out bench/results/train_step.md
 
 The step: teacher forward (frozen), student forward + backward, generalized JSD (beta 0.5, as
 TRL's GKD defines it) + nothing else, AdamW update. The PyTorch side is transformers' Llama
 model with the same weights, TRL's ``generalized_jsd_loss`` formula, and ``torch.optim.AdamW``,
-in the same process, timed interleaved with jkd. MFU is model FLOPs (student 3x forward +
-teacher 1x forward) over the measured float32 matmul peak of this machine. PyTorch is needed only
-here, never by jkd or its tests.
+in the same process, timed interleaved with jkd; PyTorch runs at the faster of its thread
+counts on a probe step (``--threads``), since under load fewer threads can be faster. MFU is
+model FLOPs (student 3x forward + teacher 1x forward) over the measured float32 matmul peak of
+this machine. PyTorch is needed only here, never by jkd or its tests.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ def jkd_step(tcfg, tparams, batch_np, lr):
 def torch_step(gguf_path, tcfg, batch_np, lr):
   import torch
   import transformers
-  torch.set_num_threads(os.cpu_count())
   teacher = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
       torch_dtype=torch.float32).eval()
@@ -114,7 +114,11 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count()}),
+                      help="PyTorch thread counts to probe; the faster one is timed")
+  parser.add_argument("--out", default="", help="also write the table to this markdown file")
   args = parser.parse_args()
+  load_start = os.getloadavg()[0]
   path = gguf_io.smollm2_gguf_path()
   tcfg, tparams = gguf_io.load_gguf(path)
   rng = np.random.default_rng(0)
@@ -130,6 +134,16 @@ def main():
   states = {"jkd": state, "pytorch": None}
   for name, run in runs.items():  # Warm-up (compilation, allocator).
     states[name], _ = run(states[name])
+  probe = {}
+  if "pytorch" in runs:
+    import torch  # noqa: PLC0415
+    for n in args.threads:
+      torch.set_num_threads(n)
+      runs["pytorch"](None)  # One step to settle at this thread count, then the timed one.
+      t0 = time.perf_counter()
+      runs["pytorch"](None)
+      probe[n] = time.perf_counter() - t0
+    torch.set_num_threads(min(probe, key=probe.get))
   times = {name: [] for name in runs}
   for _ in range(args.steps):
     for name, run in runs.items():
@@ -138,20 +152,35 @@ def main():
       times[name].append(time.perf_counter() - t0)
   tok = args.batch * args.seq
   flops = train.step_flops(scfg, tcfg, tok, args.seq)
-  print(f"# Distillation step: SmolLM2-135M teacher (30 layers) -> 6-layer student,"
-        f" batch {args.batch} x {args.seq} tokens, float32, generalized JSD + AdamW")
-  print(f"machine: {os.cpu_count()} CPU cores; measured f32 matmul peak"
-        f" {peak / 1e9:.1f} GFLOP/s; model FLOPs/step {flops / 1e9:.1f} G\n")
-  print("| implementation | s/step (median) | tokens/s | MFU |\n|---|---|---|---|")
+  lines = [f"# Distillation step: SmolLM2-135M teacher (30 layers) -> 6-layer student,"
+           f" batch {args.batch} x {args.seq} tokens, float32, generalized JSD + AdamW", "",
+           f"machine: {os.cpu_count()} CPU cores, load average {load_start:.1f} at the start,"
+           f" {os.getloadavg()[0]:.1f} at the end (other processes share the cores); jax"
+           f" {jax.__version__}; measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s; model"
+           f" FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each", ""]
+  if probe:
+    import torch  # noqa: PLC0415
+    lines += [f"PyTorch {torch.__version__} probe, threads: s/step = "
+              + ", ".join(f"{n}: {t:.2f}" for n, t in probe.items())
+              + f" (timed at {min(probe, key=probe.get)})", ""]
+  lines += ["| implementation | s/step (median) | s/step (best) | tokens/s (median) | MFU |",
+            "|---|---|---|---|---|"]
   rates = {}
   for name, ts in times.items():
     med = float(np.median(ts))
     rates[name] = tok / med
-    print(f"| {name} | {med:.3f} | {tok / med:.0f} | {100 * flops / med / peak:.1f}% |")
+    lines.append(f"| {name} | {med:.3f} | {min(ts):.3f} | {tok / med:.0f} |"
+                 f" {100 * flops / med / peak:.1f}% |")
+  lines.append("")
   if "pytorch" in rates:
-    print(f"\njkd / PyTorch tokens/s: {rates['jkd'] / rates['pytorch']:.2f}x")
-  print(f"jkd compiled step memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments"
-        f" {mem.argument_size_in_bytes / 2**30:.2f} GiB")
+    lines.append(f"jkd / PyTorch tokens/s: {rates['jkd'] / rates['pytorch']:.2f}x (target >= 1.5x)")
+  lines.append(f"jkd compiled step memory (memory_analysis): temp"
+               f" {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments"
+               f" {mem.argument_size_in_bytes / 2**30:.2f} GiB")
+  print("\n".join(lines))
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
