@@ -24,12 +24,12 @@ def get_config(arg=None):
   c.student.every = 5
   c.objective = {"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5},
                  "ce": {"term": "cross_entropy", "weight": 0.1}}
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8, seed=0))
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=5, end_lr_ratio=0.1, weight_decay=0.0))
+  c.data.update(dict(source="teacher_corpus", seq_len=128, batch_size=8, seed=0))
   c.corpus.update(dict(max_new_tokens=64, batch_size=16, temperature=0.7, top_p=0.95))
-  c.train.update(dict(steps=100, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=20, at_start=True))
-  c.checkpoint.update(dict(every=50, keep=2))
+  c.train.update(dict(steps=48, log_every=4, peak_tflops_per_device=0.0))
+  c.eval.update(dict(every=8, at_start=True))
+  c.checkpoint.update(dict(every=24, keep=2))
   c.report.update(dict(enabled=True, samples=3, sample_tokens=48,
                        title="jkd demo: SmolLM2-135M-Instruct -> 6-layer student (GJSD)"))
   if arg == "tiny":

@@ -261,3 +261,50 @@ def create_state(params: PyTree, optimizer: optax.GradientTransformation,
 def model_record(config: models.ModelConfig) -> dict[str, Any]:
   """JSON form of a ModelConfig (stored with each checkpoint)."""
   return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers.
+
+#: Objective terms that compare teacher and student without a shared vocabulary.
+CROSS_TOKENIZER_TERMS = frozenset({"uld"})
+
+
+def cross_tokenizer(objective: losses.Objective) -> bool:
+  """Whether ``objective`` has a cross-tokenizer term (e.g. ``uld``)."""
+  cross = {losses.LOSS_TERMS[name] for name in CROSS_TOKENIZER_TERMS}
+  return any(t.term in cross for t in objective.terms)
+
+
+def check_tokenizers(cfg, objective: losses.Objective, teacher_config: models.ModelConfig,
+                     student_config: models.ModelConfig) -> None:
+  """At the start of a run: teacher and student must share a vocabulary and tokenizer unless a
+  cross-tokenizer term is configured.
+
+  Students made from the teacher (``layers``, ``random``) share its tokenizer; a Hugging Face
+  student directory with tokenizer files is compared with the teacher's tokenizer
+  (:func:`jkd.data.check_same_tokenizer`).
+
+  Raises:
+    ValueError: the vocabularies or tokenizers differ and no cross-tokenizer term is set.
+  """
+  cross = cross_tokenizer(objective)
+  if student_config.vocab_size != teacher_config.vocab_size and not cross:
+    raise ValueError(f"teacher vocab {teacher_config.vocab_size} != student vocab"
+                     f" {student_config.vocab_size}: token-level distillation needs one"
+                     " vocabulary. Use the teacher's tokenizer for the student, or a"
+                     " cross-tokenizer objective such as `uld` with data from"
+                     " jkd.data.cross_tokenize.")
+  source, path = student_source(cfg)
+  if source is not STUDENT_SOURCES["hf"] or not any(
+      os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+    return
+  from jkd.data.tokenizers import check_same_tokenizer  # noqa: PLC0415
+  from jkd.train.data import tokenizer_for  # noqa: PLC0415
+  from transformers import AutoTokenizer  # noqa: PLC0415
+  try:
+    teacher_tok = tokenizer_for(cfg)
+  except ValueError:  # A random teacher has no tokenizer to compare.
+    return
+  check_same_tokenizer(teacher_tok, AutoTokenizer.from_pretrained(path),
+                       cross_tokenizer_objective=cross)
