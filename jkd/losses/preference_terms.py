@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jkd.losses import alignment
 from jkd.losses import preference
+from jkd.losses.tokens import IGNORE_INDEX
 from jkd.losses.objective import register_loss_term
 
 _PAIRS = (("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),)
@@ -132,3 +133,76 @@ def _redi_term(inputs, *, c_pos: float = 1.0, c_neg: float = 0.8, fused: bool = 
   del fused
   pc, pr = (_means(x, "redi") for x in _get(inputs, _FREE[0], "redi"))
   return jnp.mean(alignment.redi_loss(pc, pr, c_pos=c_pos, c_neg=c_neg))
+
+
+# Distillation-flavoured preference terms (DCKD, ADPA). The train step adds their per-token
+# inputs only when one of them is in the objective (:mod:`jkd.train.preference_step`):
+# ``chosen_student_logits``/``rejected_student_logits`` ``[B, T, V]``, ``chosen_labels``/
+# ``rejected_labels`` ``[B, T]``, ``chosen_teacher_topk``/``rejected_teacher_topk``
+# (:class:`jkd.losses.SparseTeacher` ``[B, T, k]``: the teacher's top-k, computed in the step from
+# the teacher's forward on both sequences, or given by the batch) and, for ADPA,
+# ``chosen_teacher_ref_logprobs``/``rejected_teacher_ref_logprobs`` ``[B, T, k]``: the teacher's
+# reference (pre-alignment) log-probs at the same ids, given by the batch.
+
+#: The per-token inputs of the DCKD and ADPA terms (the step adds them only for these terms).
+SPARSE_PAIR_INPUTS = ("chosen_student_logits", "rejected_student_logits", "chosen_labels",
+                      "rejected_labels", "chosen_teacher_topk", "rejected_teacher_topk",
+                      "chosen_teacher_ref_logprobs", "rejected_teacher_ref_logprobs")
+_DCKD = ("chosen_student_logits", "chosen_labels", "chosen_teacher_topk",
+         "rejected_student_logits", "rejected_labels", "rejected_teacher_topk")
+_ADPA = ("chosen_student_logits", "chosen_labels", "chosen_teacher_topk",
+         "chosen_teacher_ref_logprobs", "rejected_student_logits", "rejected_labels",
+         "rejected_teacher_topk", "rejected_teacher_ref_logprobs")
+_ADPA_ON = ("both", "chosen", "rejected")
+
+
+def _check_k(k) -> None:
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"k (teacher ids kept per position) must be an int >= 1 (got {k!r}).")
+
+
+@register_loss_term("dckd", needs=(_DCKD,),
+                    validate=lambda *, k=50, kd_weight=0.1, tail=True: _check_k(k))
+def _dckd_term(inputs, *, k: int = 50, kd_weight: float = 0.1, tail: bool = True):
+  """DCKD (:func:`jkd.losses.dckd_loss`), mean over pairs; ``k``: the teacher's top-k (read by
+  the step). Metrics: the chosen NLL and the two top-k forward KLs (token means)."""
+  del k  # Read by the train step (the teacher's top-k).
+  zc, yc, tc, zr, yr, tr = _get(inputs, _DCKD, "dckd")
+  loss = alignment.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=kd_weight, tail=tail)
+  nll = alignment.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=0.0, tail=tail)
+  return jnp.mean(loss), {"nll": jnp.mean(nll)}
+
+
+def _label_mask(labels):
+  return jnp.asarray(labels) != IGNORE_INDEX
+
+
+@register_loss_term("adpa", needs=(_ADPA,),
+                    validate=lambda *, k=50, kd_weight=1.6, on="both": (
+                        _check_k(k), _check_on(on)))
+def _adpa_term(inputs, *, k: int = 50, kd_weight: float = 1.6, on: str = "both"):
+  """ADPA: ``NLL(y_w) + kd_weight * masked_mean(adpa_advantage_loss)`` over the completion
+  tokens of the ``on`` sequences (``both``, ``chosen`` or ``rejected``; ADPA's are the student's
+  own responses). The advantage is ``teacher log-probs - teacher reference log-probs`` at the
+  teacher's top-k ids (:func:`jkd.losses.adpa_advantage_loss`). Metrics: ``nll``,
+  ``advantage`` (the weighted term before ``kd_weight``)."""
+  del k
+  zc, yc, tc, rc, zr, yr, tr, rr = _get(inputs, _ADPA, "adpa")
+  sides = {"chosen": (zc, yc, tc, rc), "rejected": (zr, yr, tr, rr)}
+  use = ("chosen", "rejected") if on == "both" else (on,)
+  total = count = 0.0
+  for side in use:
+    z, y, t, r = sides[side]
+    mask = _label_mask(y)
+    values = alignment.adpa_advantage_loss(z, t.ids, t.logprobs, r, where=mask)
+    total = total + jnp.sum(values)
+    count = count + jnp.sum(mask)
+  advantage = total / jnp.maximum(count, 1)
+  nll = jnp.mean(-preference.sequence_logprobs(zc, yc).mean)
+  return nll + float(kd_weight) * advantage, {"nll": nll, "advantage": advantage}
+
+
+def _check_on(on) -> None:
+  if on not in _ADPA_ON:
+    raise ValueError(f"on must be one of {list(_ADPA_ON)} (the completions the advantage term"
+                     f" covers), got {on!r}.")

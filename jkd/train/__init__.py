@@ -14,6 +14,7 @@ from jkd.train.step import (
     TrainState,
     batch_metrics,
     batch_work,
+    check_teacher_free,
     flops_per_token,
     init_state,
     make_optimizer,
@@ -28,8 +29,10 @@ from jkd.train.data import (
     DATA_SOURCES,
     TOKENIZER_SOURCES,
     ArraySource,
+    UnpairedSource,
     make_sources,
     synthetic_lm_examples,
+    synthetic_pair_examples,
     tokenizer_for,
 )
 from jkd.train.evaluate import (

@@ -15,9 +15,19 @@ Keys:
                            teacher in bf16
 ``teacher.tokenizer``      ``""``: the teacher's own (GGUF or Hugging Face); ``char``: a
                            character-level tokenizer of the vocabulary size (random teachers)
+``teacher.online``         True: the frozen teacher runs inside every step. False: its
+                           parameters are not kept for training (read only when a ``layers``
+                           student is initialised from them); every distillation term then
+                           reads a sparse teacher from the batch (an offline teacher cache:
+                           ``teacher_topk_ids``, ``teacher_topk_logprobs``,
+                           ``teacher_tail_logprob``), preference terms a precomputed reference,
+                           and evaluation reports student metrics only
 ``student.source``         ``layers`` (every ``student.every``-th teacher layer), ``random``
                            (the teacher's config with ``student.model.*`` overrides),
                            ``hf`` or ``checkpoint`` (``student.path``)
+``student.model.num_experts``  a mixture-of-experts student (``random`` source): experts per
+                           layer, ``num_experts_per_tok`` routed per token,
+                           ``router_aux_loss_coef`` the load-balancing loss weight
 ``student.init_from``      a Hugging Face directory or a jkd workdir/checkpoint: overrides
                            ``student.source`` (also ``--init_from`` on the command line)
 ``student.dtype``          compute dtype; ``student.remat``: rematerialise layers
@@ -33,10 +43,19 @@ Keys:
                            ``tfds`` (``path`` of a TFDS dataset directory, or ``name`` under
                            ``data_dir``; ``split``, ``eval_split``). ``jsonl``/``tfds`` are
                            tokenised with the teacher's tokenizer (:func:`jkd.train.tokenizer_for`;
-                           not a ``random`` teacher) by :class:`jkd.data.DataPipeline`
+                           not a ``random`` teacher) by :class:`jkd.data.DataPipeline`.
+                           Preference pairs: ``preference`` (``path``: JSONL files of
+                           ``{"prompt", "chosen", "rejected"}`` text, built like ``jsonl``, or a
+                           TFDS preference dataset directory such as
+                           :func:`jkd.data.write_pairs` writes; tokenised with
+                           :func:`jkd.data.tokenize_preference`; no eval source) or
+                           ``synthetic_pairs`` (``num_examples`` random token pairs: prompts,
+                           chosen and rejected completions of random ids; for CPU smoke runs)
 ``data.seq_len``, ``data.batch_size`` (global), ``data.seed`` (shuffling)
 ``data.shape``             ``""`` (the dataset's own: ``text``, ``prompt_completion``, ``chat``,
-                           or ``tokenized`` for token arrays such as an offline teacher cache)
+                           or ``tokenized`` for token arrays such as an offline teacher cache;
+                           ``unpaired`` with ``preference``/``synthetic_pairs``: KTO batches, the
+                           chosen completion of each pair desirable, the rejected one not)
 ``data.pack``              pack documents into rows (``segment_ids``/``positions``, no attention
                            across documents) instead of padding each one
 ``data.overflow``          an example longer than ``seq_len``: ``truncate`` (counted) or
@@ -72,6 +91,31 @@ Keys:
                            between evaluations); see :mod:`jkd.train.onpolicy`
 ``onpolicy.*``             sampling: ``temperature``, ``top_p``, ``max_new_tokens``,
                            ``eos_id`` (-1: none), ``pad_id``
+``data.select``            ``""`` (all training examples) or ``miniplm`` (MiniPLM difference
+                           sampling: keep the ``select_fraction`` (0.5) of the examples with the
+                           highest ``avg log p_teacher - avg log p_reference``, the reference a
+                           small model of the same tokenizer, ``select_reference``: ``smollm2``,
+                           ``gguf:PATH``, ``hf:DIR`` or ``random:{json}``; in-memory data only:
+                           ``synthetic``/``npz``; see :mod:`jkd.train.selection`)
+``data.source=pairs``      tokenized pairs from an ``.npz`` (``path``), with any extra per-pair
+                           arrays such as the teacher targets of
+                           :func:`jkd.train.preference_step.pair_teacher_targets` (ADPA)
+``data.source=rounds``     Distillation-DPO (:mod:`jkd.train.rounds`): every
+                           ``rounds.steps_per_round`` steps the student samples ``rounds.n``
+                           completions (``max_new_tokens``, ``temperature``, ``top_p``; sampled
+                           ``generate_batch_size`` at a time) for each prompt of ``rounds.prompts``
+                           (a JSONL file; ``""``: the shipped instructions; at most ``limit``,
+                           0: all), the teacher ranks them by mean log-likelihood, and the
+                           round's batches are its best/worst pairs (``data.seq_len``,
+                           ``data.batch_size``, ``data.chat_template``); no eval source
+``data.source=domains``    DDK (:mod:`jkd.train.selection`): a mixture of per-domain sources
+                           whose weights follow the smoothed per-domain student-teacher eval
+                           NLL gap (``ddk.alpha`` smoothing, ``ddk.floor`` uniform share),
+                           updated at every evaluation and logged as ``ddk/weight/<domain>``.
+                           Domains: ``ddk.path`` (JSONL files whose lines have a ``domain``
+                           field; ``ddk.eval_fraction`` of each domain is its eval set) or, when
+                           empty, ``ddk.num_domains`` synthetic bigram chains
+                           (``data.num_examples``/``eval_examples`` each)
 ``checkpoint.every``       steps between checkpoints (0: only at the end and on SIGTERM);
                            ``keep``: newest to keep; ``best_metric``/``best_mode``: also keep the
                            best by an eval metric (e.g. ``eval/kl_forward``, ``min``);
@@ -105,6 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"
   c.teacher.param_dtype = "float32"
   c.teacher.tokenizer = ""
+  c.teacher.online = True
 
   c.student = ml_collections.ConfigDict()
   c.student.source = "layers"
@@ -114,7 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.model = ml_collections.ConfigDict(dict(
       num_layers=config_dict.placeholder(int), hidden_size=config_dict.placeholder(int),
       intermediate_size=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
-      num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int)))
+      num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int),
+      num_experts=config_dict.placeholder(int), num_experts_per_tok=config_dict.placeholder(int),
+      router_aux_loss_coef=config_dict.placeholder(float)))
   c.student.dtype = "float32"
   c.student.remat = False
 
@@ -130,7 +177,8 @@ def default_config() -> ml_collections.ConfigDict:
       source="synthetic", path="", eval_path="", num_examples=4096, eval_examples=256,
       seq_len=256, batch_size=32, seed=0, shape="", pack=False, overflow="truncate",
       chat_template=True, split="train", eval_split="", eval_fraction=0.0, name="",
-      data_dir="", cache_dir="~/.cache/jkd/datasets"))
+      data_dir="", cache_dir="~/.cache/jkd/datasets", select="", select_fraction=0.5,
+      select_reference=""))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, grad_accum=1, log_every=10, max_nan_steps=10, peak_tflops_per_device=989.0,
@@ -139,6 +187,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.onpolicy = ml_collections.ConfigDict(dict(
       mode="", lmbda=0.5, temperature=0.9, max_new_tokens=128, top_p=1.0, eos_id=-1, pad_id=0,
       buffer_size=1000, p_step=0.1, metric="eval/kl_forward"))
+  c.rounds = ml_collections.ConfigDict(dict(
+      steps_per_round=50, n=4, max_new_tokens=64, temperature=1.0, top_p=1.0, prompts="",
+      limit=0, generate_batch_size=8))
+  c.ddk = ml_collections.ConfigDict(dict(
+      num_domains=3, path="", eval_fraction=0.1, alpha=0.5, floor=0.1))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200, keep=3, best_metric="", best_mode="min", async_save=True))
   c.corpus = ml_collections.ConfigDict(dict(

@@ -304,6 +304,198 @@ _corpus_sources.needs_tokenizer = False
 DATA_SOURCES["teacher_corpus"] = _corpus_sources
 
 
+def _rounds(cfg, vocab: int, tokenizer=None):
+  """Distillation-DPO rounds (:func:`jkd.train.rounds.round_sources`)."""
+  from jkd.train import rounds  # noqa: PLC0415
+  return rounds.round_sources(cfg, vocab, tokenizer)
+
+
+def _pairs(cfg, vocab: int, tokenizer=None):
+  """Tokenized pairs from an ``.npz`` (:func:`jkd.train.rounds.pair_sources`)."""
+  from jkd.train import rounds  # noqa: PLC0415
+  return rounds.pair_sources(cfg, vocab, tokenizer)
+
+
+def _domains(cfg, vocab: int, tokenizer=None):
+  """DDK's domain mixture (:func:`jkd.train.selection.domain_sources`)."""
+  from jkd.train import selection  # noqa: PLC0415
+  return selection.domain_sources(cfg, vocab, tokenizer)
+
+
+_rounds.needs_tokenizer = _pairs.needs_tokenizer = _domains.needs_tokenizer = False
+DATA_SOURCES["rounds"] = _rounds
+DATA_SOURCES["pairs"] = _pairs
+DATA_SOURCES["domains"] = _domains
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (``preference``, ``synthetic_pairs``; ``data.shape="unpaired"``: KTO).
+
+class UnpairedSource:
+  """KTO batches from a source of paired batches: the ``B`` pairs of a batch become ``2B`` rows,
+  the chosen completions first (``desirable`` True), then the rejected ones (False), so that
+  KTO's mismatched pairs (row ``i`` with row ``i + 1``) never share a prompt when ``B > 1``.
+
+  Args:
+    source: a source of paired batches (``chosen_tokens``, ``chosen_labels``,
+      ``rejected_tokens``, ``rejected_labels``, ``[B, T]`` each) with ``get_state``/``set_state``.
+
+  >>> pairs = {"chosen_tokens": np.array([[1, 2], [3, 4]]), "chosen_labels": np.array([[2, 9],
+  ...          [4, 9]]), "rejected_tokens": np.array([[1, 5], [3, 6]]),
+  ...          "rejected_labels": np.array([[5, 9], [6, 9]])}
+  >>> batch = next(UnpairedSource(iter([pairs])))
+  >>> batch["tokens"].tolist(), batch["desirable"].tolist()
+  ([[1, 2], [3, 4], [1, 5], [3, 6]], [True, True, False, False])
+  """
+
+  def __init__(self, source):
+    self.source = source
+
+  def __iter__(self) -> "UnpairedSource":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    pairs = next(self.source)
+    b = np.shape(pairs["chosen_tokens"])[0]
+    out = {"tokens": np.concatenate([pairs["chosen_tokens"], pairs["rejected_tokens"]]),
+           "labels": np.concatenate([pairs["chosen_labels"], pairs["rejected_labels"]]),
+           "desirable": np.repeat(np.array([True, False]), b)}
+    if "chosen_loss_mask" in pairs:
+      out["loss_mask"] = np.concatenate([pairs["chosen_loss_mask"],
+                                         pairs["rejected_loss_mask"]]).astype(bool)
+    return out
+
+  def get_state(self):
+    return self.source.get_state()
+
+  def set_state(self, state) -> None:
+    self.source.set_state(state)
+
+
+def _preference_batches(cfg, train):
+  """``(train, None)``: pairs as they are, or KTO rows with ``data.shape="unpaired"``."""
+  shape = cfg.data.shape
+  if shape not in ("", "preference", "unpaired"):
+    raise ValueError(f"data.source={cfg.data.source!r} serves preference pairs: data.shape must"
+                     f" be '' (pairs) or 'unpaired' (KTO batches), not {shape!r}.")
+  if shape == "unpaired":
+    if int(cfg.data.batch_size) % 2:
+      raise ValueError(f"data.shape='unpaired' makes 2 rows of each pair: data.batch_size"
+                       f" ({cfg.data.batch_size}) must be even.")
+    return UnpairedSource(train), None
+  return train, None
+
+
+def synthetic_pair_examples(n: int, seq_len: int, vocab: int, seed: int = 0
+                            ) -> dict[str, np.ndarray]:
+  """Random preference pairs of token ids (for tests and CPU-sized configs).
+
+  Each pair has a prompt of 2 to ``seq_len // 2`` random ids and two different completions of
+  1 to ``seq_len - prompt`` random ids, laid out as :func:`jkd.data.tokenize_preference` does
+  (right-padded with 0, labels on the completion only). Deterministic in ``seed``.
+
+  Returns:
+    ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels"}``, ``[n,
+    seq_len]`` int32 each.
+
+  >>> ex = synthetic_pair_examples(3, 8, 16)
+  >>> ex["chosen_tokens"].shape, bool((ex["chosen_labels"][:, 0] == -100).all())
+  ((3, 8), True)
+  """
+  from jkd.data.scoring import sequence_layout  # noqa: PLC0415
+  if n <= 0 or seq_len < 4 or vocab < 2:
+    raise ValueError(f"synthetic pairs need n >= 1, seq_len >= 4 and vocab >= 2 (got {n},"
+                     f" {seq_len}, {vocab}).")
+  rng = np.random.default_rng(seed)
+  out = {k: np.empty((n, seq_len), np.int32) for k in
+         ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels")}
+  for i in range(n):
+    prompt = rng.integers(1, vocab, size=rng.integers(2, seq_len // 2 + 1)).tolist()
+    room = seq_len - len(prompt)
+    chosen = rng.integers(1, vocab, size=rng.integers(1, room + 1)).tolist()
+    rejected = chosen
+    while rejected == chosen:
+      rejected = rng.integers(1, vocab, size=rng.integers(1, room + 1)).tolist()
+    for side, comp in (("chosen", chosen), ("rejected", rejected)):
+      out[f"{side}_tokens"][i], out[f"{side}_labels"][i] = sequence_layout(prompt, comp,
+                                                                           seq_len, 0)
+  return out
+
+
+def _synthetic_pairs(cfg, vocab: int, tokenizer=None):
+  del tokenizer
+  d = cfg.data
+  ex = synthetic_pair_examples(int(d.num_examples), int(d.seq_len), vocab, seed=int(d.seed))
+  rows = int(d.batch_size) // (2 if d.shape == "unpaired" else 1)
+  return _preference_batches(cfg, ArraySource(ex, max(rows, 1), seed=int(d.seed)))
+
+
+_synthetic_pairs.needs_tokenizer = False
+
+
+def _preference_dataset(cfg) -> str:
+  """The TFDS dataset of ``data.path``: a dataset directory as is, JSONL files built once."""
+  d = cfg.data
+  paths = _paths(d.path)
+  if not paths:
+    raise ValueError("data.source='preference' needs data.path: JSONL files of {'prompt',"
+                     " 'chosen', 'rejected'} text, or a TFDS preference dataset directory.")
+  if len(paths) == 1 and os.path.isdir(os.path.expanduser(paths[0])):
+    return os.path.expanduser(paths[0])
+  from jkd.data import jsonl  # noqa: PLC0415
+  files = jsonl.expand_paths(paths)
+  root = os.path.expanduser(d.cache_dir)
+  name = _jsonl_cache_name(files, {"shape": "preference", "n_train": len(files)})
+  from jkd.data import store  # noqa: PLC0415
+  try:
+    return store._find(os.path.join(root, name))  # pylint: disable=protected-access
+  except FileNotFoundError:
+    pass
+  try:
+    return jsonl.build_jsonl_dataset(files, root, name, shape="preference")
+  except FileExistsError:  # Another process built it meanwhile.
+    return store._find(os.path.join(root, name))  # pylint: disable=protected-access
+
+
+def _preference(cfg, vocab: int, tokenizer=None):
+  from jkd.data import pipeline, preference, store  # noqa: PLC0415
+  d = cfg.data
+  path = _preference_dataset(cfg)
+  shape = store.read_metadata(path).get("shape")
+  if shape not in (None, "preference"):
+    raise ValueError(f"{path} is a {shape!r} dataset, not preference pairs ({{'prompt',"
+                     " 'chosen', 'rejected'}}); use data.source='jsonl'/'tfds' for it.")
+  if tokenizer is None:
+    tokenizer = tokenizer_for(cfg)
+  if len(tokenizer) > vocab:
+    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has"
+                     f" {vocab}: use the teacher's tokenizer.")
+  overflow = {"truncate": "truncate", "error": "error"}.get(d.overflow)
+  if overflow is None:
+    raise ValueError(f"data.overflow must be 'truncate' or 'error' (got {d.overflow!r}).")
+  seq_len, chat = int(d.seq_len), bool(d.chat_template)
+
+  def transform(ex, *, name: str = "pair", counts=None):
+    del counts
+    try:
+      return preference.tokenize_preference(ex, tokenizer, seq_len=seq_len, chat_template=chat,
+                                            overflow=overflow)
+    except ValueError as e:
+      raise ValueError(f"{name} of {path}: {e}") from None
+
+  rows = int(d.batch_size) // (2 if d.shape == "unpaired" else 1)
+  train = pipeline.DataPipeline(store.open_split(path, d.split), batch_size=max(rows, 1),
+                                seq_len=seq_len, transform=transform, seed=int(d.seed),
+                                name=f"{os.path.basename(os.path.dirname(store._find(path)))}"
+                                     f":{d.split}")
+  return _preference_batches(cfg, train)
+
+
+_preference.needs_tokenizer = False  # Found here: pairs are always text.
+DATA_SOURCES["preference"] = _preference
+DATA_SOURCES["synthetic_pairs"] = _synthetic_pairs
+
+
 def _no_tokenizer(cfg):
   raise ValueError("a text dataset needs a teacher with a tokenizer: teacher.source 'random'"
                    " has none; use teacher.source smollm2, gguf or hf, or tokenized data"

@@ -35,8 +35,9 @@ from jkd.train import checkpoint as ckpt_lib
 from jkd.train import evaluate as eval_lib
 from jkd.train import onpolicy
 from jkd.train import sharding
+from jkd.train import selection as train_selection
 from jkd.train.data import make_sources
-from jkd.train.step import batch_work, make_optimizer, make_train_step
+from jkd.train.step import batch_work, check_teacher_free, make_optimizer, make_train_step
 from jkd.train.writer import MetricsWriter
 
 class NonFiniteError(RuntimeError):
@@ -230,9 +231,10 @@ class _Evaluator:
                replicated, max_batches: int, prefix: str = "eval/"):
     self.source, self.batches, self.max_batches = source, batches, max_batches
     self.prefix = prefix
-    self.teacher = teacher
-    self._step = eval_lib.make_eval_step(student_config=student_config,
-                                         teacher_config=teacher.config)
+    self.teacher = teacher  # With teacher.online=False its params are None: student metrics.
+    self._step = eval_lib.make_eval_step(
+        student_config=student_config,
+        teacher_config=teacher.config if teacher.params is not None else None)
     self._shardings = (params_shardings, replicated)
     self._compiled = None
 
@@ -301,16 +303,15 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   key = jax.random.key(int(cfg.seed))
   teacher_spec = build.teacher_spec(cfg)
   student_cfg = build.student_config(cfg, teacher_spec.config)
-  if student_cfg.vocab_size != teacher_spec.config.vocab_size:
-    raise ValueError(f"teacher vocab {teacher_spec.config.vocab_size} != student vocab"
-                     f" {student_cfg.vocab_size}; distil between models with one vocabulary.")
   objective = losses.build_objective(cfg.objective)
+  build.check_tokenizers(cfg, objective, teacher_spec.config, student_cfg)
   total = int(cfg.train.steps)
   optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), total)
   abstract_state, state_sh = build.state_shardings(student_cfg, optimizer, objective, mesh,
                                                    rules)
   if train_source is None:
     train_source, config_eval = make_sources(cfg, teacher_spec.config.vocab_size)
+    train_source = train_selection.select_source(cfg, train_source)  # data.select (MiniPLM)
     eval_source = eval_source if eval_source is not None else config_eval
   if "onpolicy" in cfg:
     train_source = onpolicy.wrap_source(cfg, train_source, student_cfg)
@@ -326,7 +327,13 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     cleanup.callback(checkpointer.close)
     cleanup.callback(checkpointer.wait)  # Runs first: a pending save completes.
     restored = checkpointer.restore(abstract_state)
-    teacher = build.build_teacher(teacher_spec, mesh, rules, jax.random.fold_in(key, 0))
+    online = bool(cfg.teacher.online)
+    teacher = None  # teacher.online=False: read only to initialise a `layers` student.
+    if online or (restored is None and _student_needs_teacher(cfg)):
+      teacher = build.build_teacher(teacher_spec, mesh, rules, jax.random.fold_in(key, 0))
+    if teacher is not None and hasattr(train_source, "set_models"):  # Recipe sources score
+      train_source.set_models(teacher_params=teacher.params, teacher_config=teacher.config,
+                              student_config=student_cfg)  # with the teacher (rounds, DDK).
     if restored is not None:
       start, state, data_state, _ = restored
       train_source.set_state(data_state)
@@ -336,9 +343,13 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       state = build.create_state(
           build.student_params(cfg, student_cfg, teacher, state_sh.params,
                                jax.random.fold_in(key, 1)), optimizer, objective, state_sh)
-    teacher = build.freeze_teacher(teacher, cfg.teacher.param_dtype)
+    if online:
+      teacher = build.freeze_teacher(teacher, cfg.teacher.param_dtype)
+    else:  # Dropped: the step receives None and reads a sparse teacher from the batch.
+      teacher = build.Teacher(teacher_spec.config, None, None)
+    step_teacher_config = teacher.config if online else None
 
-    step_fn = make_train_step(student_config=student_cfg, teacher_config=teacher.config,
+    step_fn = make_train_step(student_config=student_cfg, teacher_config=step_teacher_config,
                               objective=objective, optimizer=optimizer, schedule=schedule,
                               grad_accum=int(cfg.train.grad_accum))
 
@@ -395,12 +406,14 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
         train_source.set_policy(state.params)
       batch = next(train_source)
       if compiled is None:  # On the first batch: its arrays decide the shardings.
+        if not online:
+          check_teacher_free(objective, state.params, batch, student_config=student_cfg)
         batch_sh = batches.shardings(batch)
         compiled = jax.jit(step_with_key,
                            in_shardings=(state_sh, batch_sh, replicated, teacher.shardings),
                            out_shardings=(state_sh, replicated), donate_argnums=0)
         monitor.set_work(*batch_work({k: np.shape(v) for k, v in batch.items()}, student_cfg,
-                                     teacher.config, objective, jax.process_count()))
+                                     step_teacher_config, objective, jax.process_count()))
       state, metrics = compiled(state, batches.place(batch, batch_sh), step_key,
                                 teacher.params)
       step += 1
@@ -417,6 +430,8 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
         if eval_metrics is not None:
           writer.write(step, eval_metrics)
           if hasattr(train_source, "report_eval"):  # E.g. DistiLLM's adaptive schedule.
+            if hasattr(train_source, "set_policy"):  # E.g. DDK's per-domain student NLL.
+              train_source.set_policy(state.params)
             train_source.report_eval(eval_metrics)
       if do_save:
         save(step, eval_metrics)
@@ -429,6 +444,11 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       _say(f"SIGTERM: saving step {step} and stopping")
       save(step, None)
   return {"step": step, "status": status, "eval": last_eval}
+
+
+def _student_needs_teacher(cfg) -> bool:
+  """Whether a fresh student is made from the teacher's parameters (``layers``)."""
+  return cfg.student.source == "layers" and not cfg.student.init_from
 
 
 def _nan_message(monitor: _Monitor, checkpointer: ckpt_lib.Checkpointer, step: int) -> str:

@@ -37,9 +37,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jkd import losses
 from jkd import models
+from jkd.losses import preference_terms
 
 PyTree = Any
 
@@ -47,6 +49,13 @@ _PAIR_KEYS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_lab
 _PAIR_REFERENCE = ("reference_chosen_logps", "reference_rejected_logps")
 _KTO_KEYS = ("tokens", "labels", "desirable")
 _KTO_REFERENCE = ("reference_logps", "reference_kl_logps")
+_SPARSE = set(preference_terms.SPARSE_PAIR_INPUTS)
+#: Optional batch fields of a paired batch holding the teacher's top-k (``{side}_`` prefixed:
+#: ``chosen_``/``rejected_``): ids and log-probs ``[B, T, k]``, tail ``[B, T]``, and the
+#: teacher's reference log-probs at those ids ``[B, T, k]`` (ADPA's advantage). Written by
+#: :func:`pair_teacher_targets`; when the ids are there the step does not compute the top-k.
+TOPK_FIELDS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob",
+               "teacher_ref_logprobs")
 
 
 def is_preference_batch(batch: Mapping[str, Any]) -> bool:
@@ -60,17 +69,33 @@ def _needed_inputs(objective: losses.Objective) -> tuple[set[str], bool]:
   for t in objective.terms:
     needs = {n for alternative in t.term.needs for n in alternative}
     names |= needs
-    other |= not needs & {"policy_chosen", "policy"}
+    other |= not needs & {"policy_chosen", "policy"} and not needs <= _SPARSE
   return names, other
+
+
+def topk_size(objective: losses.Objective) -> int | None:
+  """The ``k`` of the teacher's top-k that the DCKD/ADPA terms read (None: no such term).
+
+  Raises:
+    ValueError: two such terms with different ``k``.
+  """
+  ks = {int(t.options.get("k", 50)) for t in objective.terms
+        if any("chosen_teacher_topk" in alt for alt in t.term.needs)}
+  if len(ks) > 1:
+    raise ValueError(f"the dckd/adpa terms ask for different teacher top-k sizes {sorted(ks)};"
+                     " give them one k.")
+  return ks.pop() if ks else None
 
 
 def runs_teacher(objective: losses.Objective, batch_keys) -> bool:
   """Whether the step runs the teacher on a preference batch with these keys: a term needs a
-  reference the batch lacks, or a (distillation) term other than the preference ones is in."""
+  reference (or, DCKD/ADPA, the teacher's top-k) the batch lacks, or a (distillation) term
+  other than the preference ones is in."""
   names, other = _needed_inputs(objective)
   keys = set(batch_keys)
   given = _KTO_REFERENCE if "desirable" in keys else _PAIR_REFERENCE
-  return other or (bool(names & {"ref_chosen", "ref"}) and not set(given) <= keys)
+  topk = "chosen_teacher_topk" in names and "chosen_teacher_topk_ids" not in keys
+  return other or topk or (bool(names & {"ref_chosen", "ref"}) and not set(given) <= keys)
 
 
 def _check(batch: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -219,8 +244,98 @@ def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapp
   if t is not None:
     inputs.update(teacher_logits=first_half(t.logits), teacher_hidden=first_half(t.hidden),
                   teacher_head=t_head)
+  if _needed_inputs(objective)[0] & _SPARSE:
+    inputs.update(_sparse_pair_inputs(batch, s, t, (first[1], second[1]), b,
+                                      k=topk_size(objective), fused=fused))
   aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
   return inputs, jnp.asarray(aux, jnp.float32)
+
+
+def _sparse_pair_inputs(batch, s, t, labels, b: int, *, k: int, fused: bool) -> dict[str, Any]:
+  """DCKD/ADPA inputs: per-side student logits and labels, the teacher's top-k (from the batch's
+  :data:`TOPK_FIELDS`, else from the teacher's logits) and the teacher's reference log-probs."""
+  if "desirable" in batch:
+    raise ValueError("the dckd/adpa terms need paired batches (chosen/rejected), not KTO.")
+  if fused or s.logits is None:
+    raise ValueError("the dckd/adpa terms need the student's logits: drop fused=True.")
+  out: dict[str, Any] = {}
+  for i, side in enumerate(("chosen", "rejected")):
+    rows = slice(0, b) if i == 0 else slice(b, 2 * b)
+    out[f"{side}_student_logits"], out[f"{side}_labels"] = s.logits[rows], labels[i]
+    if f"{side}_teacher_topk_ids" in batch:
+      ids = jnp.asarray(batch[f"{side}_teacher_topk_ids"]).astype(jnp.int32)
+      lp = jnp.asarray(batch[f"{side}_teacher_topk_logprobs"], jnp.float32)
+      tail = batch.get(f"{side}_teacher_tail_logprob")
+      tail = None if tail is None else jnp.asarray(tail, jnp.float32)
+    elif t is not None:
+      ids, lp, tail = topk_logprobs(t.logits[rows], k)
+    else:
+      ids = None
+    out[f"{side}_teacher_topk"] = None if ids is None else losses.SparseTeacher(ids, lp, tail)
+    ref = batch.get(f"{side}_teacher_ref_logprobs")
+    out[f"{side}_teacher_ref_logprobs"] = None if ref is None else jnp.asarray(ref, jnp.float32)
+  return out
+
+
+def topk_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(ids, log-probs, log tail mass)`` of the top ``k`` of ``logits`` (gradient stopped); see
+  :func:`jkd.data.teacher_cache.topk_logprobs`."""
+  from jkd.data import teacher_cache  # noqa: PLC0415
+  if not 1 <= k <= logits.shape[-1]:
+    raise ValueError(f"k={k} teacher ids per position, but the vocabulary has"
+                     f" {logits.shape[-1]}: use 1 <= k <= vocab.")
+  return jax.tree.map(jax.lax.stop_gradient, teacher_cache.topk_logprobs(logits, k))
+
+
+def pair_teacher_targets(pairs: Mapping[str, Any], *, teacher: tuple[PyTree, models.ModelConfig],
+                         reference: tuple[PyTree, models.ModelConfig] | None = None, k: int = 50,
+                         batch_size: int = 8) -> dict[str, np.ndarray]:
+  """The teacher's top-k on tokenized pairs, as batch fields (:data:`TOPK_FIELDS`), offline.
+
+  ADPA's advantage needs the aligned teacher's top-k ids and log-probs and the teacher's
+  reference (pre-alignment) log-probs at those ids: compute them once here and add them to the
+  pairs (e.g. an ``.npz`` for ``data.source='pairs'``); DCKD can use them too instead of
+  running the teacher in the step.
+
+  Args:
+    pairs: ``chosen_tokens``, ``rejected_tokens`` ``[N, T]`` int arrays.
+    teacher: ``(params, config)`` of the aligned teacher.
+    reference: ``(params, config)`` of the teacher's reference model (same vocabulary), or None.
+    k: ids kept per position.
+    batch_size: sequences per forward pass.
+
+  Returns:
+    ``{side}_teacher_topk_ids`` ``[N, T, k]`` int32, ``{side}_teacher_topk_logprobs``
+    ``[N, T, k]`` float32, ``{side}_teacher_tail_logprob`` ``[N, T]`` float32 and, with a
+    reference, ``{side}_teacher_ref_logprobs`` ``[N, T, k]`` float32, for ``side`` in
+    ``chosen``, ``rejected``.
+  """
+  (tp, tc) = teacher
+  if reference is not None and reference[1].vocab_size != tc.vocab_size:
+    raise ValueError(f"the reference's vocabulary {reference[1].vocab_size} != the teacher's"
+                     f" {tc.vocab_size}: ADPA's advantage compares one vocabulary.")
+
+  @jax.jit
+  def targets(tp, tokens, ref_params):
+    ids, lp, tail = topk_logprobs(models.apply(tp, tokens, config=tc).logits, k)
+    if ref_params is None:
+      return ids, lp, tail, None
+    ref = jax.nn.log_softmax(models.apply(ref_params, tokens, config=reference[1]).logits
+                             .astype(jnp.float32), axis=-1)
+    return ids, lp, tail, jnp.take_along_axis(ref, ids, axis=-1)
+
+  out: dict[str, np.ndarray] = {}
+  names = TOPK_FIELDS if reference is not None else TOPK_FIELDS[:3]
+  for side in ("chosen", "rejected"):
+    tokens = np.asarray(pairs[f"{side}_tokens"], np.int32)
+    n = len(tokens)
+    pad = -(-n // batch_size) * batch_size - n
+    tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), np.int32)])
+    parts = [targets(tp, tokens[i:i + batch_size], None if reference is None else reference[0])
+             for i in range(0, len(tokens), batch_size)]
+    for j, name in enumerate(names):
+      out[f"{side}_{name}"] = np.concatenate([np.asarray(p[j]) for p in parts])[:n]
+  return out
 
 
 def completion_tokens(batch: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:

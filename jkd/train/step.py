@@ -133,6 +133,38 @@ def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[s
   return inputs, jnp.asarray(aux, jnp.float32)
 
 
+def check_teacher_free(objective: losses.Objective, params: PyTree,
+                       batch: Mapping[str, Any], *,
+                       student_config: models.ModelConfig) -> None:
+  """Checks that every term finds its inputs without a teacher in the step
+  (``teacher.online=False``): from the student and the batch alone (abstractly, no compute).
+
+  Args:
+    objective: the objective.
+    params: the student's parameters (or their shapes).
+    batch: a batch (or its shapes), e.g. the first one.
+    student_config: the student's config.
+
+  Raises:
+    ValueError: a term needs the teacher's logits, hidden states or a reference the batch lacks,
+      naming the term, what it needs and what the batch provides.
+  """
+  inputs, _ = jax.eval_shape(
+      lambda p, b: model_inputs(p, None, b, student_config=student_config, teacher_config=None,
+                                objective=objective), params, dict(batch))
+  have = {k for k, v in inputs.items() if v is not None}
+  for t in objective.terms:
+    if t.term.needs and not any(set(alt) <= have for alt in t.term.needs):
+      options = " or ".join("(" + ", ".join(a) + ")" for a in t.term.needs)
+      raise ValueError(
+          f"teacher.online=False: loss term {t.name!r} needs {options}, but without the"
+          f" teacher the step has only {sorted(have)} (batch fields {sorted(batch)}). Train on"
+          " an offline teacher cache (teacher_topk_ids/teacher_topk_logprobs/"
+          "teacher_tail_logprob, e.g. data.source=tfds on a `python -m jkd.data.teacher_cache`"
+          " dataset), give preference batches precomputed reference log-probs, or set"
+          " teacher.online=True.")
+
+
 #: Batch fields named ``metric/<name>`` (``[batch]`` floats) are logged as ``<name>`` (their
 #: mean): a batch source reports through them (e.g. ``metric/onpolicy/fraction``).
 METRIC_PREFIX = "metric/"

@@ -1,0 +1,108 @@
+"""Helpers of the ``configs/`` recipes: their CPU-sized variants and the tiny data those need.
+
+Every recipe in ``configs/`` has a ``cpu`` variant that CI runs end to end in seconds: a random
+4-layer teacher of vocabulary 128 and width 32 (:func:`cpu_variant`), short synthetic sequences
+and a few steps. Variants that read data from disk (an offline teacher cache) get it from
+:func:`write_cpu_teacher_cache`, called by the config module's ``make_cpu_data(workdir, arg)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+#: The random teacher of the CPU variants (``teacher.model`` fields).
+CPU_TEACHER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4,
+                   num_heads=4, num_kv_heads=2, max_position_embeddings=128)
+
+
+def cpu_variant(c, *, steps: int = 3, seq_len: int = 16, batch_size: int = 4):
+  """Makes a recipe's config CPU-sized, in place: a random teacher (:data:`CPU_TEACHER`) with
+  a character tokenizer, a student of every 2nd teacher layer (a ``random`` student keeps its
+  own ``student.model``), ``steps`` steps on ``synthetic`` data of ``batch_size`` x ``seq_len``
+  tokens, an evaluation (one batch) and a checkpoint at the end only.
+
+  Args:
+    c: a config from :func:`jkd.train.default_config` (changed in place).
+    steps, seq_len, batch_size: the run's size.
+
+  Returns:
+    ``c``.
+
+  >>> from jkd.train import default_config
+  >>> c = cpu_variant(default_config())
+  >>> c.teacher.source, c.student.every, c.train.steps, c.data.seq_len
+  ('random', 2, 3, 16)
+  """
+  c.teacher.source = "random"
+  c.teacher.path = ""
+  c.teacher.model.update(CPU_TEACHER)
+  c.teacher.tokenizer = "char"
+  if c.student.source == "layers":
+    c.student.every = 2
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.0))
+  c.data.update(dict(source="synthetic", path="", num_examples=8 * batch_size,
+                     eval_examples=batch_size, seq_len=seq_len, batch_size=batch_size))
+  c.corpus.update(dict(limit=8, max_new_tokens=8, batch_size=4))
+  c.onpolicy.update(dict(max_new_tokens=8))
+  c.train.update(dict(steps=steps, log_every=1, peak_tflops_per_device=1.0,
+                      progress_bar=False))
+  c.eval.update(dict(every=0, batches=1, at_start=False))
+  c.checkpoint.update(dict(every=0, keep=1, async_save=False))
+  c.report.update(dict(samples=1, sample_tokens=8))
+  return c
+
+
+def write_cpu_teacher_cache(c, workdir: str, *, k: int = 16, num_examples: int = 16,
+                            name: str = "teacher_cache") -> dict[str, Any]:
+  """An offline top-``k`` cache of a CPU variant's random teacher over synthetic sequences.
+
+  The teacher is the one training builds from ``c`` (same seed, same parameters), so the cache
+  holds what ``teacher.online=True`` computes in the step. An existing cache is reused.
+
+  Args:
+    c: the CPU variant's config (``teacher.source="random"``).
+    workdir: the TFDS root the cache is written under (``workdir/name/1.0.0``).
+    k: top-k ids per position.
+    num_examples: cached sequences of ``c.data.seq_len`` tokens.
+    name: the dataset name.
+
+  Returns:
+    Config overrides that train on it: ``{"data.path": <dataset directory>}``.
+  """
+  from jkd.data import teacher_cache  # noqa: PLC0415
+  from jkd.train import build, data, sharding  # noqa: PLC0415
+  if c.teacher.source != "random":
+    raise ValueError(f"write_cpu_teacher_cache() caches a random CPU teacher; teacher.source is"
+                     f" {c.teacher.source!r} (use `python -m jkd.data.teacher_cache` for it).")
+  path = os.path.join(os.path.expanduser(workdir), name, "1.0.0")
+  if os.path.exists(os.path.join(path, "dataset_info.json")):
+    return {"data.path": path}
+  spec = build.teacher_spec(c)
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  teacher = build.build_teacher(spec, mesh, sharding.DEFAULT_RULES,
+                                jax.random.fold_in(jax.random.key(int(c.seed)), 0))
+  examples = data.synthetic_lm_examples(num_examples, int(c.data.seq_len),
+                                        spec.config.vocab_size, seed=int(c.data.seed))
+  path = teacher_cache.write_teacher_cache(examples, workdir, params=teacher.params,
+                                           config=spec.config, k=k, name=name,
+                                           teacher="random (cpu variant)", progress=False)
+  return {"data.path": path}
+
+
+def apply_overrides(c, overrides: dict[str, Any]):
+  """Sets dotted keys (``{"data.path": ...}``) of a config in place; returns it.
+
+  >>> from jkd.train import default_config
+  >>> apply_overrides(default_config(), {"data.seq_len": 8}).data.seq_len
+  8
+  """
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -1,0 +1,161 @@
+"""MiniPLM selection and DDK domain weights in the engine (jkd.train.selection), end to end.
+
+References: float64 NumPy log-softmax of each model's logits (each row run alone), MiniPLM's
+score ``avg log p_teacher - avg log p_reference`` and DDK's weights
+``(1 - f) s / sum(s) + f / N`` with ``s`` the smoothed gap, written from METHODS.md section 7.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd import models
+from jkd.train import loop
+from jkd.train import selection
+from jkd.train.data import ArraySource, synthetic_lm_examples
+from jkd.train.writer import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = models.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+_init = jax.jit(functools.partial(models.init_params, CONFIG))
+_logits = jax.jit(lambda params, tokens: models.apply(params, tokens, config=CONFIG).logits)
+
+
+@pytest.fixture(scope="module")
+def nets():
+  return {name: _init(jax.random.key(10 + i))
+          for i, name in enumerate(("student", "teacher", "ref"))}
+
+
+def np_token_logprobs(params, tokens, labels):
+  """``[N, T]`` float64 log p(label), each row run alone."""
+  z = np.stack([np.asarray(_logits(params, jnp.asarray(r[None]))[0], np.float64)
+                for r in tokens])
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+
+
+def one_process(**kw):
+  return dict(process_index=0, process_count=1, **kw)
+
+
+def test_miniplm_keeps_the_top_half_by_the_difference_score(nets):
+  ex = synthetic_lm_examples(10, 8, CONFIG.vocab_size, seed=4)
+  src = selection.SelectedSource(ArraySource(ex, 2, seed=1, **one_process()),
+                                 reference=(nets["ref"], CONFIG), fraction=0.5, batch_size=4)
+  src.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+  score = (np_token_logprobs(nets["teacher"], ex["tokens"], ex["labels"]).mean(1)
+           - np_token_logprobs(nets["ref"], ex["tokens"], ex["labels"]).mean(1))
+  want = np.sort(np.argsort(-score, kind="stable")[:5])
+  np.testing.assert_array_equal(src.selection.indices, want)
+  np.testing.assert_allclose(src.selection.scores, score, atol=1e-5)
+  batch = next(src)
+  kept = {tuple(r) for r in ex["tokens"][want]}
+  assert all(tuple(r) in kept for r in batch["tokens"])
+  state = src.get_state()
+  second = next(src)
+  src.set_state(state)
+  np.testing.assert_array_equal(next(src)["tokens"], second["tokens"])
+  with pytest.raises(ValueError, match="select_reference"):
+    selection.SelectedSource(ArraySource(ex, 2, **one_process()), reference="")
+  with pytest.raises(ValueError, match="fewer than a batch"):
+    big = selection.SelectedSource(ArraySource(ex, 8, **one_process()),
+                                   reference=(nets["ref"], CONFIG), fraction=0.1)
+    big.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG,
+                   student_config=CONFIG)
+
+
+def ddk_source(n_domains=2, **kw):
+  train = {f"d{i}": ArraySource(synthetic_lm_examples(8, 8, CONFIG.vocab_size, seed=i,
+                                                      branching=2 + i), 4, seed=0,
+                                **one_process()) for i in range(n_domains)}
+  evals = {f"d{i}": synthetic_lm_examples(3, 8, CONFIG.vocab_size, seed=100 + i)
+           for i in range(n_domains)}
+  return selection.DDKSource(train, evals, batch_size=4, seed=5, alpha=0.5, floor=0.2,
+                             **one_process(), **kw), evals
+
+
+def test_ddk_weights_follow_the_smoothed_gap_and_resume(nets):
+  src, evals = ddk_source()
+  src.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+
+  def nll(params, ex):
+    return -np_token_logprobs(params, ex["tokens"], ex["labels"]).mean()
+
+  smoothed = None
+  for student in (nets["student"], nets["ref"]):
+    src.set_policy(student)
+    got = src.report_eval({})
+    gap = np.array([max(nll(student, evals[d]) - nll(nets["teacher"], evals[d]), 0.0)
+                    for d in ("d0", "d1")])
+    smoothed = gap if smoothed is None else 0.5 * smoothed + 0.5 * gap
+    share = smoothed / smoothed.sum() if smoothed.sum() > 0 else np.full(2, 0.5)
+    want = 0.8 * share + 0.2 / 2
+    np.testing.assert_allclose([got["d0"], got["d1"]], want, atol=1e-5)
+  batch = next(src)
+  np.testing.assert_allclose(batch["metric/ddk/weight/d0"], got["d0"], rtol=1e-6)
+  state = json.loads(json.dumps(src.get_state()))
+  following = [next(src) for _ in range(3)]
+  fresh, _ = ddk_source()
+  fresh.set_state(state)
+  assert fresh.weights.as_dict() == pytest.approx(got)
+  for want_batch in following:
+    got_batch = next(fresh)
+    for k in want_batch:
+      np.testing.assert_array_equal(got_batch[k], want_batch[k])
+  with pytest.raises(ValueError, match="set_models"):
+    ddk_source()[0].report_eval({})
+
+
+def test_split_by_domain_names_the_bad_line(tmp_path):
+  path = tmp_path / "mixed.jsonl"
+  path.write_text('{"text": "a", "domain": "x"}\n{"text": "b", "domain": "y"}\n'
+                  '{"text": "c", "domain": "x"}\n{"text": "d"}\n')
+  with pytest.raises(ValueError, match=r"mixed.jsonl:4: DDK needs a non-empty 'domain'"):
+    selection.split_by_domain([str(path)], str(tmp_path / "out"))
+  path.write_text('{"text": "a", "domain": "x"}\n{"text": "b", "domain": "y"}\n'
+                  '{"text": "c", "domain": "x"}\n')
+  out = selection.split_by_domain([str(path)], str(tmp_path / "out"))
+  assert list(out) == ["x", "y"]
+  assert [json.loads(l)["text"] for l in open(out["x"])] == ["a", "c"]
+
+
+def load_config(name, arg="cpu"):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
+                                                os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["miniplm", "ddk"])
+def test_cpu_variant_trains(name, tmp_path):
+  cfg = load_config(name)
+  with cfg.unlocked():
+    cfg.train.progress_bar = False
+    cfg.checkpoint.async_save = False
+  workdir = str(tmp_path / "run")
+  result = loop.train(cfg, workdir)
+  assert result["status"] == "done" and result["step"] == 4
+  metrics = read_metrics(workdir)
+  assert len([m for m in metrics if "loss/total" in m]) == 4
+  if name == "ddk":
+    rows = [m for m in metrics if "ddk/weight/d0" in m]
+    for m in rows:
+      assert math.isclose(sum(m[f"ddk/weight/d{i}"] for i in range(3)), 1.0, rel_tol=1e-5)
+    # Resuming keeps the weights: the data state holds them.
+    with cfg.unlocked():
+      cfg.train.steps = 6
+    loop.train(cfg, workdir)
+    assert len([m for m in read_metrics(workdir) if "loss/total" in m]) == 6
