@@ -53,3 +53,34 @@ def test_vocabulary_mismatch_needs_a_cross_tokenizer_term(tmp_path):
   with pytest.raises(ValueError, match="teacher vocab 128 != student vocab 100.*uld"):
     build.check_tokenizers(c, losses.build_objective({"kd": {"term": "forward_kl"}}), t, s)
   build.check_tokenizers(c, losses.build_objective({"kd": {"term": "uld"}}), t, s)
+
+
+def test_uld_trains_a_student_with_another_vocabulary(tmp_path):
+  """End to end: a cross-tokenized batch (teacher_tokens/teacher_index), the `uld` term, and a
+  student whose vocabulary differs from the teacher's; evaluation keeps student metrics only."""
+  from jkd.data import cross_tokenize_batch
+  from jkd.train import ArraySource, train
+  from jkd.train.writer import read_metrics
+  c = default_config()
+  c.teacher.source = "random"
+  c.teacher.model.update(dict(TINY, max_position_embeddings=64))
+  c.student.source = "random"
+  c.student.model.update(dict(vocab_size=110, num_layers=1))
+  c.objective = {"uld": {"term": "uld", "weight": 1.0}, "ce": {"term": "cross_entropy"}}
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=0))
+  c.train.update(dict(steps=2, log_every=1, progress_bar=False))
+  c.eval.update(dict(every=2))
+  c.checkpoint.update(dict(every=2, async_save=False))
+  texts = [("Say hi", " hi there"), ("Count", " one two three"), ("Name a colour", " red"),
+           ("Add 1 and 1", " 2")]
+  ex = cross_tokenize_batch(texts, char_tokenizer(128), char_tokenizer(110), 24)
+  assert (ex["teacher_index"] >= 0).any()
+  result = train(c, str(tmp_path), train_source=ArraySource(ex, 4, process_index=0,
+                                                            process_count=1),
+                 eval_source=ArraySource(ex, 4, shuffle=False, process_index=0,
+                                         process_count=1))
+  assert result["step"] == 2
+  history = read_metrics(str(tmp_path))
+  losses_ = [r["loss/uld"] for r in history if "loss/uld" in r]
+  assert len(losses_) == 2 and all(0 < v < 2.0 for v in losses_)
+  assert "eval/student_nll" in result["eval"] and "eval/kl_forward" not in result["eval"]

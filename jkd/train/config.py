@@ -157,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.path = ""
   c.student.init_from = ""
   c.student.model = ml_collections.ConfigDict(dict(
-      num_layers=config_dict.placeholder(int), hidden_size=config_dict.placeholder(int),
+      vocab_size=config_dict.placeholder(int), num_layers=config_dict.placeholder(int), hidden_size=config_dict.placeholder(int),
       intermediate_size=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
       num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int),
       num_experts=config_dict.placeholder(int), num_experts_per_tok=config_dict.placeholder(int),

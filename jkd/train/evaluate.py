@@ -130,7 +130,8 @@ def make_eval_step(*, student_config: models.ModelConfig,
   """The pure ``(params, teacher_params, batch) -> sums`` of one batch (jit it).
 
   ``batch`` holds ``tokens`` and ``labels`` and optionally ``loss_mask``, ``attention_mask``,
-  ``positions``, ``segment_ids``; ``teacher_params`` may be None (student metrics only).
+  ``positions``, ``segment_ids``; ``teacher_params`` may be None, and a cross-tokenizer batch
+  (with ``teacher_tokens``) gets student metrics only.
   """
   def step(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any]
            ) -> dict[str, Array]:
@@ -138,7 +139,9 @@ def make_eval_step(*, student_config: models.ModelConfig,
                   segment_ids=batch.get("segment_ids"))
     student = models.apply(params, batch["tokens"], config=student_config, **common).logits
     teacher = None
-    if teacher_params is not None:
+    # A cross-tokenizer batch (``teacher_tokens``) has no shared vocabulary to compare the
+    # distributions over: student metrics only.
+    if teacher_params is not None and "teacher_tokens" not in batch:
       teacher = models.apply(teacher_params, batch["tokens"], config=teacher_config,
                              **common).logits
     return eval_sums(student, batch["labels"], teacher_logits=teacher,
