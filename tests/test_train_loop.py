@@ -357,3 +357,21 @@ def test_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(shared, refere
   with ckpt_lib.ocp.PyTreeCheckpointer() as c:
     params = c.restore(str(workdir / "checkpoints" / "4" / "state"))["params"]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_initialize_distributed_reads_the_environment(monkeypatch):
+  """No variables: single process. A partial set or an unknown JKD_DISTRIBUTED: clear errors
+  (before any attempt to reach a coordinator)."""
+  from jkd.train import default_config, initialize_distributed
+  cfg = default_config()
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "JKD_DISTRIBUTED"):
+    monkeypatch.delenv(name, raising=False)
+  assert initialize_distributed(cfg) is False
+  monkeypatch.setenv("JKD_DISTRIBUTED", "yes")
+  with pytest.raises(ValueError, match="JKD_DISTRIBUTED='yes'.*auto"):
+    initialize_distributed(cfg)
+  monkeypatch.delenv("JKD_DISTRIBUTED")
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+    initialize_distributed(cfg)
