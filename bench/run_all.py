@@ -3,6 +3,7 @@
     python bench/run_all.py                 # full sizes (about an hour on a 2-core CPU)
     python bench/run_all.py --quick         # small shapes, minutes (a smoke run)
     python bench/run_all.py --only losses sampler
+    python bench/run_all.py --collect       # only rebuild REPORT.md from bench/results/*.md
 
 Runs, each in its own process (so one's memory and threads do not affect the next):
 
@@ -56,6 +57,8 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--only", nargs="+", default=None)
   parser.add_argument("--workdir", default="/tmp/jkd_bench")
+  parser.add_argument("--collect", action="store_true",
+                      help="run nothing; assemble REPORT.md from the existing result files")
   args = parser.parse_args()
   commands = _commands(args.quick, args.workdir)
   names = args.only or list(commands)
@@ -66,6 +69,15 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
   sections, status = [], {}
   for name in names:
+    if args.collect:
+      table = os.path.join(RESULTS, f"{name}.md")
+      if os.path.exists(table):
+        body = open(table).read().strip()
+        sections.append("\n".join(("##" + line) if line.startswith("# ") else line
+                                  for line in body.splitlines()))
+      else:
+        sections.append(f"## {name}: no result file (run `python bench/run_all.py --only {name}`)")
+      continue
     print(f"== {name}: {' '.join(commands[name])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(commands[name], capture_output=True, text=True, cwd=os.path.dirname(HERE))
@@ -88,12 +100,15 @@ def main():
     sections.append(body + f"\n\n({name}: {seconds:.0f} s; log {log})")
     print(f"   exit {proc.returncode} in {seconds:.0f} s", flush=True)
   header = [f"# jkd benchmark report{' (quick sizes)' if args.quick else ''}", "",
+            "Assembled from the result files: each section states the machine and load of its"
+            " own run." if args.collect else "",
             f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()};"
             f" Python {platform.python_version()}; load average at the end"
             f" {os.getloadavg()[0]:.1f}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             ""]
   with open(os.path.join(RESULTS, "REPORT.md"), "w") as f:
-    f.write("\n".join(header) + "\n\n".join(sections) + "\n")
+    f.write("\n".join(line for line in header if line) + "\n\n" + "\n\n".join(sections)
+            + "\n")
   print(f"wrote {os.path.join(RESULTS, 'REPORT.md')}")
   sys.exit(1 if any(status.values()) else 0)
 
