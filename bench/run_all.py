@@ -107,7 +107,7 @@ def main():
             f" {os.getloadavg()[0]:.1f}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             ""]
   with open(os.path.join(RESULTS, "REPORT.md"), "w") as f:
-    f.write("\n".join(line for line in header if line) + "\n\n" + "\n\n".join(sections)
+    f.write("\n\n".join(line for line in header if line) + "\n\n" + "\n\n".join(sections)
             + "\n")
   print(f"wrote {os.path.join(RESULTS, 'REPORT.md')}")
   sys.exit(1 if any(status.values()) else 0)
