@@ -29,7 +29,10 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
                  if not os.path.basename(p).startswith("_"))
 #: Configs that are CPU-sized themselves, run end to end by their own tests.
 OWN_TESTS = {"demo": "tests/test_demo.py (its 'tiny' variant)",
-             "kd_tiny": "tests/test_train_loop.py"}
+             "kd_tiny": "tests/test_train_loop.py",
+             "adpa": "tests/test_recipes_alignment.py", "distill_dpo":
+             "tests/test_recipes_alignment.py", "miniplm": "tests/test_recipes_selection.py",
+             "ddk": "tests/test_recipes_selection.py"}
 RECIPES = [n for n in CONFIGS if n not in OWN_TESTS]
 
 
