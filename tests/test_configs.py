@@ -3,7 +3,8 @@
 Configs are found by glob, so recipes added later are covered. A config module may define
 ``CPU_VARIANTS`` (default ``("cpu",)``) and ``make_cpu_data(workdir[, arg])`` returning config
 overrides (``{"data.path": ...}``) for data a variant reads from disk. ``demo.py`` and
-``kd_tiny.py`` are run by their own tests (:data:`OWN_TESTS`).
+``kd_tiny.py``, and the recipes with dedicated end-to-end tests, are run by those tests
+(:data:`OWN_TESTS`).
 """
 
 import glob
