@@ -58,3 +58,8 @@ from jkd.train.onpolicy import (
 )
 from jkd.train.loop import NonFiniteError, initialize_distributed, train
 from jkd.train.writer import MetricsWriter, read_metrics
+from jkd.train.monitor import Verdict, assess, assess_history, fit_power_law
+from jkd.train.report import summarize, write_report
+from jkd.train.rounds import RoundPairsSource
+from jkd.train.selection import DDKSource, SelectedSource
+from jkd.train.stages import run, split_prompts
