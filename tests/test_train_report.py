@@ -84,3 +84,31 @@ def test_write_report(tmp_path):
 def test_write_report_needs_metrics(tmp_path):
   with pytest.raises(ValueError, match="no metrics"):
     report.write_report(str(tmp_path))
+
+
+def test_the_loop_logs_the_verdict_after_each_evaluation(tmp_path, capsys):
+  """The engine's monitor (jkd.train.loop._HackingMonitor) writes monitor/* metrics once a fit
+  exists, and warns once when the hacked history flags; a resumed run reads the history back."""
+  from jkd.train import loop
+  from jkd.train.writer import MetricsWriter, read_metrics
+  evals = [r for r in _history(hack=True) if "eval/kl_forward" in r]
+  writer = MetricsWriter(str(tmp_path), enabled=True)
+  hacking = loop._HackingMonitor(str(tmp_path), writer, enabled=True)
+  def evaluate(r):  # What the loop does after an evaluation.
+    metrics = {k: v for k, v in r.items() if k != "step"}
+    writer.write(r["step"], metrics)
+    hacking.update(r["step"], metrics)
+
+  for r in evals[:5]:  # steps 0..20: the fit needs more than 4 evaluations after step 0
+    evaluate(r)
+  writer.close()
+  assert not [r for r in read_metrics(str(tmp_path)) if "monitor/flagged" in r]
+  writer = MetricsWriter(str(tmp_path), start_step=20, enabled=True)  # a resumed run
+  hacking = loop._HackingMonitor(str(tmp_path), writer, enabled=True)
+  for r in evals[5:]:
+    evaluate(r)
+  writer.close()
+  flags = {r["step"]: r["monitor/flagged"] for r in read_metrics(str(tmp_path))
+           if "monitor/flagged" in r}
+  assert flags == {25: 0.0, 30: 0.0, 35: 1.0, 40: 1.0}
+  assert capsys.readouterr().err.count("possible teacher hacking") == 1

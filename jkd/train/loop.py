@@ -33,12 +33,13 @@ from jkd import losses
 from jkd.train import build
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import evaluate as eval_lib
+from jkd.train import monitor as monitor_lib
 from jkd.train import onpolicy
 from jkd.train import sharding
 from jkd.train import selection as train_selection
 from jkd.train.data import make_sources
 from jkd.train.step import batch_work, check_teacher_free, make_optimizer, make_train_step
-from jkd.train.writer import MetricsWriter
+from jkd.train.writer import MetricsWriter, read_metrics
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite (skipped) steps in a row; the run stopped without saving."""
@@ -257,6 +258,36 @@ class _Evaluator:
     return {self.prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}
 
 
+class _HackingMonitor:
+  """After each evaluation: the teacher-hacking verdict (:mod:`jkd.train.monitor`) over the
+  run's evaluations so far (read back from ``metrics.jsonl``, so a resumed run continues it),
+  logged as ``monitor/flagged``, ``monitor/off_fit``, ``monitor/diverging`` (0/1), with a
+  warning line when it first flags."""
+
+  def __init__(self, workdir: str, writer: MetricsWriter, *, enabled: bool):
+    self.enabled, self.writer = enabled, writer
+    self.history = read_metrics(workdir) if enabled else []
+    self.flagged = False
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.history.append({"step": step, **metrics})
+    verdict = monitor_lib.assess_history(self.history)
+    if verdict is None or verdict.fit is None:
+      return
+    self.writer.write(step, {"monitor/flagged": float(verdict.flagged),
+                             "monitor/off_fit": float(verdict.off_fit),
+                             "monitor/diverging": float(verdict.diverging)})
+    if verdict.flagged and not self.flagged:
+      signs = [text for on, text in ((verdict.off_fit, "left its power-law fit"),
+                                     (verdict.diverging, "improves while the golden NLL worsens"))
+               if on]
+      _say(f"step {step}: possible teacher hacking since step {verdict.first_step}: the"
+           f" student-teacher KL {' and '.join(signs)} (jkd.train.monitor).")
+    self.flagged = verdict.flagged
+
+
 def train(config, workdir: str, *, train_source=None, eval_source=None,
           golden_source=None) -> dict[str, Any]:
   """Runs (or resumes) a training run in ``workdir``.
@@ -386,6 +417,7 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     cleanup.callback(preemption.close)
     eval_every, ckpt_every = int(cfg.eval.every), int(cfg.checkpoint.every)
     status, last_eval, step, compiled = "done", None, start, None
+    hacking = _HackingMonitor(workdir, writer, enabled=primary)
     if start == 0 and restored is None and cfg.eval.get("at_start", False):
       initial = evaluate(state.params)  # The initial student, logged at step 0.
       if initial is not None:
@@ -429,6 +461,7 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
         eval_metrics = last_eval = evaluate(state.params)
         if eval_metrics is not None:
           writer.write(step, eval_metrics)
+          hacking.update(step, eval_metrics)
           if hasattr(train_source, "report_eval"):  # E.g. DistiLLM's adaptive schedule.
             if hasattr(train_source, "set_policy"):  # E.g. DDK's per-domain student NLL.
               train_source.set_policy(state.params)
