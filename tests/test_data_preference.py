@@ -403,7 +403,7 @@ def test_smollm2_pairs_ranked_by_the_teacher(tmp_path):
   for pair in pairs:
     assert pair["chosen_score"] > pair["rejected_score"] and pair["prompt"] in prompts
   tokenized = P.tokenize_pairs(pairs, tokenizer, seq_len=64)
-  prompt_ids = P.encode_prompt(pairs[0]["prompt"], tokenizer)
+  prompt_ids = P.encode_prompt(tokenizer, pairs[0]["prompt"])
   assert prompt_ids == tokenizer.apply_chat_template(
       [{"role": "user", "content": pairs[0]["prompt"]}], add_generation_prompt=True)["input_ids"]
   assert tokenized["chosen_tokens"][0, :len(prompt_ids)].tolist() == prompt_ids

@@ -125,14 +125,28 @@ def _as_records(prompts) -> list[dict[str, str]]:
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = True) -> list[int]:
-  """Token ids of one prompt: a user turn plus the generation prompt, or the plain text."""
+  """Token ids of one prompt: a user turn plus the generation prompt, or the plain text.
+
+  Args:
+    tokenizer: a ``transformers`` tokenizer (with a chat template when ``chat_template``).
+    prompt: the prompt text.
+    chat_template: apply ``tokenizer.apply_chat_template([user turn],
+      add_generation_prompt=True)``; else tokenize the text with the tokenizer's special tokens.
+
+  Returns:
+    The prompt's ids (a list of ints).
+  """
   if chat_template:
+    if not getattr(tokenizer, "chat_template", None):
+      raise ValueError("the tokenizer has no chat template; pass chat_template=False (CLI:"
+                       " --no_chat_template / --no-chat-template) to tokenize prompts as plain"
+                       " text.")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True)
-    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-      ids = ids["input_ids"]
+                                        add_generation_prompt=True, tokenize=True)
   else:
-    ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=True)
+  if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+    ids = ids["input_ids"]
   return [int(i) for i in ids]
 
 

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from jkd.data import scoring
+from jkd.data.corpus import encode_prompt
 from jkd.data import store
 from jkd.data.scoring import (  # noqa: F401  (re-exported)
     IGNORE_INDEX,
@@ -83,31 +84,6 @@ def _eos_id(tokenizer) -> int:
   return int(eos)
 
 
-def encode_prompt(prompt: str, tokenizer, *, chat_template: bool = True) -> list[int]:
-  """Token ids of a prompt: a user turn plus the generation prompt, or the plain text.
-
-  Args:
-    prompt: the prompt text.
-    tokenizer: a ``transformers`` tokenizer (with a chat template when ``chat_template``).
-    chat_template: apply ``tokenizer.apply_chat_template([user turn],
-      add_generation_prompt=True)``; else tokenize the text with the tokenizer's special tokens.
-
-  Returns:
-    The prompt's ids (a list of ints).
-  """
-  if chat_template:
-    if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("the tokenizer has no chat template; pass chat_template=False (CLI:"
-                       " --no-chat-template) to tokenize prompts as plain text.")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True)
-  else:
-    ids = tokenizer(prompt, add_special_tokens=True)
-  if isinstance(ids, Mapping) or hasattr(ids, "keys"):
-    ids = ids["input_ids"]
-  return [int(i) for i in ids]
-
-
 def tokenize_preference(example: Mapping[str, Any], tokenizer, *, seq_len: int,
                         chat_template: bool = True, overflow: str = "truncate",
                         pad_id: int | None = None) -> dict[str, np.ndarray] | None:
@@ -149,7 +125,7 @@ def tokenize_preference(example: Mapping[str, Any], tokenizer, *, seq_len: int,
   if pad_id is None:
     pad_id = getattr(tokenizer, "pad_token_id", None)
   pad = eos if pad_id is None else int(pad_id)
-  p = encode_prompt(prompt, tokenizer, chat_template=chat_template)
+  p = encode_prompt(tokenizer, prompt, chat_template=chat_template)
   if len(p) + 1 > seq_len:
     raise ValueError(f"the prompt is {len(p)} tokens but seq_len is {seq_len}: no room for the"
                      " completion. Raise seq_len or shorten the prompt.")
@@ -235,7 +211,7 @@ def _prompt_records(prompts, tokenizer, decode, chat_template):
       if tokenizer is None:
         raise ValueError("text prompts need a tokenizer; pass tokenizer=... (or token-id"
                          " prompts with a decode callable).")
-      ids = np.asarray(encode_prompt(value, tokenizer, chat_template=chat_template), np.int32)
+      ids = np.asarray(encode_prompt(tokenizer, value, chat_template=chat_template), np.int32)
       text = value
     else:
       ids = np.asarray(value)
