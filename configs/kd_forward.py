@@ -25,37 +25,13 @@ Variants (``--config configs/kd_forward.py:<variant>``):
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
 
 #: The variants CI runs end to end (tests/test_configs.py).
 CPU_VARIANTS = ("cpu", "cpu_cache")
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"kd": {"term": "forward_kl", "weight": 1.0}}
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=50, at_start=True))
-  c.checkpoint.update(dict(every=50, keep=2))
-  variant = arg or ""
-  if variant not in ("", "cache", "cpu", "cpu_cache"):
-    raise ValueError(f"unknown variant {arg!r} of kd_forward; use no arg, 'cache', 'cpu' or"
-                     " 'cpu_cache'.")
-  if variant.startswith("cpu"):
-    recipes.cpu_variant(c)
-  if variant.endswith("cache"):
-    # A cached teacher: the divergence reads teacher_topk_ids/_logprobs/_tail_logprob.
-    c.teacher.online = False
-    c.data.update(dict(source="tfds", shape="tokenized", path="",
-                       seq_len=c.data.seq_len if variant == "cpu_cache" else 256))
-    c.eval.at_start = False
-  return c
+  return recipes.token_kd_config("kd_forward", {"kd": {"term": "forward_kl", "weight": 1.0}}, arg)
 
 
 def make_cpu_data(workdir, arg="cpu"):

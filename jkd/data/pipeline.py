@@ -51,6 +51,24 @@ CASTS = {np.dtype(np.uint16): np.int32, np.dtype(np.uint8): np.int32,
          np.dtype(np.float16): np.float32}
 
 
+def process_share(batch_size, process_index: int | None = None,
+                  process_count: int | None = None) -> tuple[int, int]:
+  """``(process_index, process_count)`` of a batch source (default: JAX's), checking that the
+  global ``batch_size`` is a positive int that the processes share evenly.
+
+  >>> process_share(8, 1, 2)
+  (1, 2)
+  """
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive int (got {batch_size!r}).")
+  if batch_size % count:
+    raise ValueError(f"the global batch size {batch_size} is not divisible by the {count}"
+                     " processes; use a multiple of it.")
+  return index, count
+
+
 def _cast(v: np.ndarray) -> np.ndarray:
   v = np.asarray(v)
   return v.astype(CASTS[v.dtype]) if v.dtype in CASTS else v
@@ -181,13 +199,8 @@ class DataPipeline:
                name: str = "data", read_threads: int = 0):
     self.source = source
     self.num_examples = len(source)
-    self.process_index = jax.process_index() if process_index is None else int(process_index)
-    self.process_count = jax.process_count() if process_count is None else int(process_count)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-      raise ValueError(f"batch_size must be a positive int (got {batch_size!r}).")
-    if batch_size % self.process_count:
-      raise ValueError(f"the global batch size {batch_size} is not divisible by the"
-                       f" {self.process_count} processes; use a multiple of it.")
+    self.process_index, self.process_count = process_share(batch_size, process_index,
+                                                           process_count)
     if self.num_examples == 0:
       raise ValueError(f"{name}: the dataset is empty.")
     self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkd import models
+from jkd.data.pipeline import process_share
 from jkd.losses import IGNORE_INDEX
 
 PyTree = Any
@@ -345,13 +346,8 @@ class DomainMixture:
       raise ValueError(f"sources are for domains {sorted(sources)} but the weights for"
                        f" {sorted(weights.domains)}; give one source per weighted domain.")
     self.sources, self.weights = dict(sources), weights
-    self.process_index = jax.process_index() if process_index is None else int(process_index)
-    self.process_count = jax.process_count() if process_count is None else int(process_count)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-      raise ValueError(f"batch_size must be a positive int (got {batch_size!r}).")
-    if batch_size % self.process_count:
-      raise ValueError(f"the global batch size {batch_size} is not divisible by the"
-                       f" {self.process_count} processes; use a multiple of it.")
+    self.process_index, self.process_count = process_share(batch_size, process_index,
+                                                           process_count)
     self.batch_size, self.seed = int(batch_size), int(seed)
     self.step = 0
     # Per domain: the sub-source state before the buffered batch, the batch, the offset.

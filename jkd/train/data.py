@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from jkd.data.pipeline import process_share
 from jkd.losses import IGNORE_INDEX
 
 
@@ -57,13 +58,8 @@ class ArraySource:
     if len(set(sizes.values())) != 1 or None in sizes.values():
       raise ValueError(f"every array needs the same leading size N; got {sizes}.")
     self.num_examples = next(iter(sizes.values()))
-    self.process_index = jax.process_index() if process_index is None else int(process_index)
-    self.process_count = jax.process_count() if process_count is None else int(process_count)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-      raise ValueError(f"batch_size must be a positive int (got {batch_size!r}).")
-    if batch_size % self.process_count:
-      raise ValueError(f"the global batch size {batch_size} is not divisible by the"
-                       f" {self.process_count} processes; use a multiple of it.")
+    self.process_index, self.process_count = process_share(batch_size, process_index,
+                                                           process_count)
     if batch_size > self.num_examples:
       raise ValueError(f"batch_size {batch_size} exceeds the {self.num_examples} examples.")
     self.batch_size = int(batch_size)

@@ -289,7 +289,7 @@ class _HackingMonitor:
 
 
 def train(config, workdir: str, *, train_source=None, eval_source=None,
-          golden_source=None) -> dict[str, Any]:
+          golden_source=None, teacher: build.Teacher | None = None) -> dict[str, Any]:
   """Runs (or resumes) a training run in ``workdir``.
 
   Args:
@@ -303,6 +303,9 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       source (:mod:`jkd.train.onpolicy`). A source with ``set_policy(params)`` gets the current
       student before each batch; one with ``report_eval(metrics)`` the eval metrics after each
       evaluation.
+    teacher: the config's teacher already built on this mesh (``build.build_teacher`` of
+      ``build.teacher_spec(config)``, as :mod:`jkd.train.stages` has it), so that its weights
+      are not read again; None: built here when needed.
     golden_source: like ``eval_source``, a golden reference (e.g. held-out human-written text)
       evaluated with it; its metrics are named ``golden/*`` (the teacher-hacking monitor's
       golden metric is ``golden/student_nll``, :mod:`jkd.train.monitor`).
@@ -332,7 +335,8 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
   rules = sharding.DEFAULT_RULES
   key = jax.random.key(int(cfg.seed))
-  teacher_spec = build.teacher_spec(cfg)
+  teacher_spec = (build.TeacherSpec(teacher.config, None) if teacher is not None
+                  else build.teacher_spec(cfg))  # (a GGUF spec reads the file)
   student_cfg = build.student_config(cfg, teacher_spec.config)
   objective = losses.build_objective(cfg.objective)
   build.check_tokenizers(cfg, objective, teacher_spec.config, student_cfg)
@@ -359,9 +363,10 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     cleanup.callback(checkpointer.wait)  # Runs first: a pending save completes.
     restored = checkpointer.restore(abstract_state)
     online = bool(cfg.teacher.online)
-    teacher = None  # teacher.online=False: read only to initialise a `layers` student.
+    built, teacher = teacher, None  # teacher.online=False: only a `layers` student's init.
     if online or (restored is None and _student_needs_teacher(cfg)):
-      teacher = build.build_teacher(teacher_spec, mesh, rules, jax.random.fold_in(key, 0))
+      teacher = built if built is not None else build.build_teacher(
+          teacher_spec, mesh, rules, jax.random.fold_in(key, 0))
     if teacher is not None and hasattr(train_source, "set_models"):  # Recipe sources score
       train_source.set_models(teacher_params=teacher.params, teacher_config=teacher.config,
                               student_config=student_cfg)  # with the teacher (rounds, DDK).

@@ -55,6 +55,44 @@ def cpu_variant(c, *, steps: int = 3, seq_len: int = 16, batch_size: int = 4):
   return c
 
 
+def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None):
+  """The config of a token-level distillation recipe (``configs/kd_forward.py``,
+  ``configs/kd_gjsd.py``): SmolLM2-135M-Instruct teaching every 5th of its layers on a
+  teacher-written corpus with ``objective``, and its variants ``cache`` (from an offline teacher
+  cache, ``teacher.online=False``: the divergence reads ``teacher_topk_*`` from the batch),
+  ``cpu`` and ``cpu_cache`` (:func:`cpu_variant`).
+
+  Args:
+    name: the recipe's name (for the unknown-variant error).
+    objective: the :func:`jkd.losses.build_objective` spec.
+    arg: the variant (None: the real run).
+  """
+  from jkd.train.config import default_config  # noqa: PLC0415
+  c = default_config()
+  c.teacher.source = "smollm2"
+  c.student.source = "layers"
+  c.student.every = 5
+  c.objective = objective
+  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
+  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
+  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
+  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
+  c.eval.update(dict(every=50, at_start=True))
+  c.checkpoint.update(dict(every=50, keep=2))
+  variant = arg or ""
+  if variant not in ("", "cache", "cpu", "cpu_cache"):
+    raise ValueError(f"unknown variant {arg!r} of {name}; use no arg, 'cache', 'cpu' or"
+                     " 'cpu_cache'.")
+  if variant.startswith("cpu"):
+    cpu_variant(c)
+  if variant.endswith("cache"):
+    c.teacher.online = False
+    c.data.update(dict(source="tfds", shape="tokenized", path="",
+                       seq_len=c.data.seq_len if variant == "cpu_cache" else 256))
+    c.eval.at_start = False
+  return c
+
+
 def write_cpu_teacher_cache(c, workdir: str, *, k: int = 16, num_examples: int = 16,
                             name: str = "teacher_cache") -> dict[str, Any]:
   """An offline top-``k`` cache of a CPU variant's random teacher over synthetic sequences.

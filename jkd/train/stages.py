@@ -185,6 +185,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                           int(r.sample_tokens))
     del student0
   t0 = time.perf_counter()
+  if models is not None:
+    kwargs["teacher"] = models.teacher  # Read once, for the corpus, the samples and training.
   result = loop.train(cfg, workdir, **kwargs)
   timings["train_s"] = time.perf_counter() - t0
   if r.enabled and result["status"] == "done" and jax.process_index() == 0:
