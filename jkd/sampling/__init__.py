@@ -1,8 +1,8 @@
 """jkd.sampling: KV-cached generation (greedy, temperature, top-k, top-p, min-p) from jkd models."""
 
 from jkd.sampling.sampler import (
+    MIN_LENGTH_BUCKET,
     NUCLEUS_CANDIDATES,
-
     SampleOutput,
     batch_bucket,
     check_filters,

@@ -6,6 +6,11 @@ A decode step reads every weight to compute a few rows, so it is made lean:
   ``nn.scan`` over stacked weights would copy each layer's weights and cache slices at each step;
 * the q/k/v projections are one matrix product, and so are the MLP's gate and up projections
   (fewer, larger products: small ones are inefficient on CPU);
+* the weights are kept transposed (``[out, in]``) and each product is formed as
+  ``(W^T x^T)^T``: with a few rows, XLA:CPU's matrix kernels stream a tall weight operand much
+  faster than a wide one (``bench/sampler.py``: 1.4-1.7x on the MLP and output head of
+  SmolLM2 at batch 8). On CPU an optimization barrier keeps XLA from folding the transpose
+  back into the product;
 * the cache keeps keys as ``[B, Kv, D, S]`` and values as ``[B, Kv, S, D]``, so that both
   attention contractions are plain batched matrix products (the model's ``[B, S, Kv, D]`` layout
   makes XLA transpose each layer's cache at each step).
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
 
+Array = jax.Array
 PyTree = Any
 
 
@@ -47,9 +53,10 @@ def prepare_layers(params: PyTree, config: ModelConfig) -> list[dict]:
     config: the model config.
 
   Returns:
-    One dict per layer: ``attn_norm``, ``mlp_norm`` (norm params), ``qkv`` (``[H, (Nq + 2 Nkv)
-    D]``), ``qkv_bias`` (or absent), ``o`` (``[Nq D, H]``), ``q_norm`` / ``k_norm`` (Qwen3), and
-    ``gate_up`` (``[H, 2 F]``) + ``down`` for a dense MLP or ``moe`` (the module's params).
+    One dict per layer: ``attn_norm``, ``mlp_norm`` (norm params), ``qkv_t`` (``[(Nq + 2 Nkv)
+    D, H]``), ``qkv_bias`` (or absent), ``o_t`` (``[H, Nq D]``), ``q_norm`` / ``k_norm``
+    (Qwen3), and ``gate_up_t`` (``[2 F, H]``) + ``down_t`` (``[H, F]``) for a dense MLP or
+    ``moe`` (the module's params). Matrices are ``[out, in]``, see :func:`dense`.
   """
   cfg = config
   h, d = cfg.hidden_size, cfg.dim_per_head
@@ -59,8 +66,8 @@ def prepare_layers(params: PyTree, config: ModelConfig) -> list[dict]:
     attn = p["attn"]
     layer = {
         "attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
-        "qkv": jnp.concatenate([attn[n]["kernel"].reshape(h, -1) for n in "qkv"], axis=1),
-        "o": attn["o"]["kernel"].reshape(cfg.num_heads * d, h),
+        "qkv_t": jnp.concatenate([attn[n]["kernel"].reshape(h, -1) for n in "qkv"], axis=1).T,
+        "o_t": attn["o"]["kernel"].reshape(cfg.num_heads * d, h).T,
     }
     if cfg.qkv_bias:
       layer["qkv_bias"] = jnp.concatenate([attn[n]["bias"].reshape(-1) for n in "qkv"])
@@ -70,15 +77,27 @@ def prepare_layers(params: PyTree, config: ModelConfig) -> list[dict]:
       layer["moe"] = p["moe"]
     else:
       mlp = p["mlp"]
-      layer["gate_up"] = jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1)
-      layer["down"] = mlp["down"]["kernel"]
+      layer["gate_up_t"] = jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1).T
+      layer["down_t"] = mlp["down"]["kernel"].T
     out.append(layer)
   return out
 
 
-def _dense(x, kernel, dtype):
-  """``x @ kernel`` in the compute dtype, as ``flax.linen.DenseGeneral`` computes it."""
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+def prepare_head(params: PyTree, config: ModelConfig) -> Array:
+  """The output head as ``[V, H]`` (the embedding itself when tied; else one transposed copy)."""
+  return transformer.output_head(params, config).T
+
+
+def dense(x: Array, kernel_t: Array, dtype) -> Array:
+  """``x @ kernel_t.T`` in ``dtype``: ``[B, in] x [out, in] -> [B, out]``.
+
+  Formed as ``(kernel_t @ x.T).T``, which XLA:CPU computes faster for a few rows ``B`` (see the
+  module docstring); the optimization barrier (CPU only) keeps XLA from rewriting it back.
+  """
+  y_t = jnp.dot(kernel_t.astype(dtype), x.astype(dtype).T)
+  if jax.default_backend() == "cpu":
+    y_t = jax.lax.optimization_barrier(y_t)
+  return y_t.T
 
 
 def _attention(layer, x, positions, mask, k_cache, v_cache, index, config: ModelConfig):
@@ -100,7 +119,7 @@ def _attention(layer, x, positions, mask, k_cache, v_cache, index, config: Model
   dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   d, nh, nkv = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
   b = x.shape[0]
-  qkv = _dense(x, layer["qkv"], dtype)
+  qkv = dense(x, layer["qkv_t"], dtype)
   if cfg.qkv_bias:
     qkv = qkv + layer["qkv_bias"].astype(dtype)
   q = qkv[:, :nh * d].reshape(b, 1, nh, d)
@@ -122,15 +141,16 @@ def _attention(layer, x, positions, mask, k_cache, v_cache, index, config: Model
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(dtype), v_cache.astype(dtype))
-  return _dense(out.reshape(b, nh * d), layer["o"], dtype), k_cache, v_cache
+  return dense(out.reshape(b, nh * d), layer["o_t"], dtype), k_cache, v_cache
 
 
-def decode_step(params, layers, tok, cache, config: ModelConfig):
+def decode_step(params, layers, head_t, tok, cache, config: ModelConfig):
   """One token per sequence through the model: ``(logits [B, V], cache)``.
 
   Args:
     params: the model parameters (for the embedding, final norm and output head).
     layers: :func:`prepare_layers` of them.
+    head_t: :func:`prepare_head` of them.
     tok: ``[B]`` int32 tokens.
     cache: ``{"k", "v": tuples of L arrays (see :func:`from_model_cache`), "mask": [B, S],
       "index": the next slot, "next_position": [B]}``.
@@ -159,11 +179,10 @@ def decode_step(params, layers, tok, cache, config: ModelConfig):
       y, _ = transformer.MoE(cfg).apply({"params": layer["moe"]}, y[:, None])
       y = y[:, 0]
     else:
-      gate_up = _dense(y, layer["gate_up"], dtype)
-      y = _dense(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], layer["down"], dtype)
+      gate_up = dense(y, layer["gate_up_t"], dtype)
+      y = dense(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], layer["down_t"], dtype)
     x = x + y
   x = norm.apply({"params": params["final_norm"]}, x)
-  head = transformer.output_head(params, cfg)
-  logits = jnp.dot(x.astype(jnp.float32), head.astype(jnp.float32))
+  logits = dense(x, head_t, jnp.float32)
   return logits, {"k": tuple(ks), "v": tuple(vs), "mask": mask, "index": index + 1,
                   "next_position": cache["next_position"] + 1}

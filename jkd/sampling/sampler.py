@@ -32,7 +32,7 @@ import numpy as np
 
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
-from jkd.sampling.decode import decode_step, from_model_cache, prepare_layers
+from jkd.sampling.decode import decode_step, from_model_cache, prepare_head, prepare_layers
 
 Array = jax.Array
 PyTree = Any
@@ -226,8 +226,16 @@ def batch_bucket(batch: int) -> int:
   return 1 << max(batch - 1, 0).bit_length()
 
 
-def length_bucket(length: int, bucket: int) -> int:
-  """``length`` rounded up to a multiple of ``bucket``."""
+#: The smallest prompt length bucket of the default (power-of-two) bucketing.
+MIN_LENGTH_BUCKET = 16
+
+
+def length_bucket(length: int, bucket: int | None = None) -> int:
+  """The padded prompt length: ``length`` rounded up to a multiple of ``bucket``, or, when
+  ``bucket`` is ``None``, to the next power of two of at least :data:`MIN_LENGTH_BUCKET` (at
+  most 2x the work of the longest prompt, and one compilation per octave of lengths)."""
+  if bucket is None:
+    return max(MIN_LENGTH_BUCKET, 1 << max(length - 1, 0).bit_length())
   return -(-length // bucket) * bucket
 
 
@@ -250,7 +258,6 @@ def compile_count() -> int:
 def _choose(logits, step, key, temperature, top_p, min_p, *, greedy, top_k, use_top_p,
             use_min_p):
   """Next tokens ``[B]`` and their log-probs under ``log_softmax(logits)``."""
-  logp = jax.nn.log_softmax(logits, axis=-1)
   if greedy:
     tok = jnp.argmax(logits, axis=-1)
   else:
@@ -258,7 +265,9 @@ def _choose(logits, step, key, temperature, top_p, min_p, *, greedy, top_k, use_
                       min_p=min_p if use_min_p else 0.0)
     tok = jax.random.categorical(jax.random.fold_in(key, step), z, axis=-1)
   tok = tok.astype(jnp.int32)
-  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+  # log_softmax at the chosen token only: one reduction, no [B, V] log-probs array.
+  chosen = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+  return tok, chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _build(config: ModelConfig, cache_len: int, max_new_tokens: int, return_logits: bool,
@@ -300,13 +309,16 @@ def _build(config: ModelConfig, cache_len: int, max_new_tokens: int, return_logi
       state["logits"] = jnp.zeros((b, n, config.vocab_size), jnp.float32)
     tok, lp = choose(logits, 0)
     state = record(state, jnp.int32(0), tok, lp, logits, pad_id, stops)
-    layers = prepare_layers(params, config)
+    # Per-layer [out, in] weights, copied once per call; the barrier keeps them materialised in
+    # that layout (XLA would otherwise fold the transposes back into the products).
+    layers, head_t = jax.lax.optimization_barrier(
+        (prepare_layers(params, config), prepare_head(params, config)))
 
     def cond(state):
       return (state["step"] < n) & ~jnp.all(state["done"])
 
     def body(state):
-      logits, cache = decode_step(params, layers, state["last"], state["cache"], config)
+      logits, cache = decode_step(params, layers, head_t, state["last"], state["cache"], config)
       tok, lp = choose(logits, state["step"])
       return record(dict(state, cache=cache), state["step"], tok, lp, logits, pad_id, stops)
 
@@ -337,7 +349,7 @@ def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
              max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
              eos_id: int | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
-             cache_len: int | None = None, bucket: int = 64,
+             cache_len: int | None = None, bucket: int | None = None,
              return_logits: bool = False) -> SampleOutput:
   """Samples continuations of a batch of prompts (KV-cached, one XLA program).
 
@@ -347,8 +359,9 @@ def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
   stop token is kept and counted) or after ``max_new_tokens``; the loop ends when all have
   stopped.
 
-  Prompts are left-padded to a multiple of ``bucket`` tokens and the batch to a power of two,
-  so calls whose shapes fall in the same bucket share one compilation (:func:`compile_count`).
+  Prompts are left-padded to a power-of-two length (at least 16; or to a multiple of ``bucket``
+  tokens) and the batch to a power of two, so calls whose shapes fall in the same bucket share
+  one compilation (:func:`compile_count`).
   Padding is masked out, and RoPE positions count real tokens only, so the result of a prompt
   does not depend on the padding around it.
 
@@ -367,7 +380,8 @@ def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
     pad_id: the value written after a sequence's stop token.
     cache_len: KV-cache slots; default the bucketed prompt length + ``max_new_tokens``. When
       given, the longest prompt + ``max_new_tokens`` must fit in it.
-    bucket: prompt lengths are padded up to a multiple of this.
+    bucket: prompt lengths are padded up to a multiple of this; ``None`` (default): to the next
+      power of two, at least :data:`MIN_LENGTH_BUCKET` (:func:`length_bucket`).
     return_logits: also return the raw logits of every step (``[B, max_new_tokens, vocab]``).
 
   Returns:
@@ -375,7 +389,8 @@ def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
     ``logits``).
   """
   _check_int("max_new_tokens", max_new_tokens, 1)
-  _check_int("bucket", bucket, 1)
+  if bucket is not None:
+    _check_int("bucket", bucket, 1)
   _check_int("pad_id", pad_id, -2**31)
   if not greedy:
     if not isinstance(temperature, numbers.Real) or not temperature > 0:
