@@ -43,6 +43,7 @@ def matmul_peak(n: int = 3072, repeats: int = 10) -> float:
 
 def jkd_step(tcfg, tparams, batch_np, lr, *, fused=False):
   scfg, sparams = models.student_from_teacher(tparams, tcfg, every=5)
+  scfg = scfg.replace(scan_unroll=scfg.num_layers)  # the engine's student.unroll_layers default
   objective = losses.build_objective({"generalized_jsd": {"beta": 0.5, "fused": fused}})
   opt, sched = train.make_optimizer({"lr": lr, "warmup_steps": 0, "clip_norm": 0.0,
                                      "weight_decay": 0.0}, 1000)

@@ -152,7 +152,7 @@ def test_attentions_are_causal_distributions():
   assert np.all(np.triu(att[..., :, :], k=1) == 0)
 
 
-def test_remat_and_bf16_options():
+def test_remat_unroll_and_bf16_options():
   cfg = ModelConfig(**TINY)
   params = _params(cfg)
   tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]])
@@ -161,9 +161,13 @@ def test_remat_and_bf16_options():
     return jnp.mean(models.apply(p, tokens, config=c).logits ** 2)
 
   v1, g1 = jax.value_and_grad(loss)(params, cfg)
-  v2, g2 = jax.value_and_grad(loss)(params, cfg.replace(remat=True))
-  np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+  for options in (dict(remat=True), dict(scan_unroll=cfg.num_layers), dict(scan_unroll=100)):
+    v2, g2 = jax.value_and_grad(loss)(params, cfg.replace(**options))
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+  for bad in (0, True, 1.5):
+    with pytest.raises(ValueError, match="scan_unroll must be an int >= 1"):
+      cfg.replace(scan_unroll=bad)
   bf = models.apply(params, tokens, config=cfg.replace(dtype="bfloat16")).logits
   assert bf.dtype == jnp.float32
   f32 = models.apply(params, tokens, config=cfg).logits

@@ -48,7 +48,9 @@ def test_layers_and_random_students():
   spec = build.teacher_spec(cfg)
   teacher = build.build_teacher(spec, MESH, RULES, jax.random.key(0))
   student_cfg = build.student_config(cfg, teacher.config)
-  assert student_cfg == teacher.config.replace(num_layers=2)
+  assert student_cfg == teacher.config.replace(num_layers=2, scan_unroll=2)  # unroll_layers
+  assert build.student_config(tiny_config(student__unroll_layers=False),
+                              teacher.config).scan_unroll == 1
   shardings = build.param_shardings(student_cfg, MESH, RULES)
   params = build.student_params(cfg, student_cfg, teacher, shardings, jax.random.key(1))
   kept = jax.tree.map(lambda x: x[np.array([1, 3])], teacher.params["layers"])

@@ -39,6 +39,10 @@ class ModelConfig:
     dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters stay ``param_dtype``).
     param_dtype: parameter dtype (``float32``).
     remat: rematerialise each layer in the backward pass (saves activation memory).
+    scan_unroll: layers per iteration of the scan over layers: 1 compiles one layer body (the
+      fastest compile); ``num_layers`` unrolls the stack into straight-line code, which on CPU
+      runs a small model's forward + backward faster (no per-layer slices of the stacked
+      weights and activations) at the price of a longer compile. Values round the same.
   """
   architecture: str = "llama"
   vocab_size: int = 49152
@@ -61,6 +65,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -81,6 +86,10 @@ class ModelConfig:
                                                                               "bfloat16"):
       raise ValueError(f"dtype/param_dtype must be 'float32' or 'bfloat16' (got {self.dtype!r},"
                        f" {self.param_dtype!r}).")
+    if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) \
+        or self.scan_unroll < 1:
+      raise ValueError(f"ModelConfig.scan_unroll must be an int >= 1 (got {self.scan_unroll!r});"
+                       " use num_layers to unroll the layer stack fully.")
     if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
       raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in"
                        f" [1, num_experts={self.num_experts}].")

@@ -208,7 +208,8 @@ class Decoder(nn.Module):
       block = nn.remat(block, prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
-                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                     length=cfg.num_layers, unroll=min(cfg.scan_unroll, cfg.num_layers),
+                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, (new_k, new_v, hiddens, attns, aux) = layers(cfg, self.output_attentions, name="layers")(
         x, positions, mask, cache_k, cache_v, cache_index)
     x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)

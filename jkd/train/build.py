@@ -222,10 +222,13 @@ def student_source(cfg) -> tuple[StudentSource, str]:
 
 
 def student_config(cfg, teacher_config: models.ModelConfig) -> models.ModelConfig:
-  """The student's ModelConfig (compute dtype ``student.dtype``, float32 parameters)."""
+  """The student's ModelConfig (compute dtype ``student.dtype``, float32 parameters, layers
+  unrolled when ``student.unroll_layers``)."""
   source, path = student_source(cfg)
-  return source.config(cfg, teacher_config, path).replace(
-      dtype=cfg.student.dtype, param_dtype="float32", remat=bool(cfg.student.remat))
+  config = source.config(cfg, teacher_config, path)
+  return config.replace(dtype=cfg.student.dtype, param_dtype="float32",
+                        remat=bool(cfg.student.remat),
+                        scan_unroll=config.num_layers if cfg.student.unroll_layers else 1)
 
 
 def student_params(cfg, config: models.ModelConfig, teacher: Teacher, shardings: PyTree,
