@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import sampling
+from jkd import runtime, sampling
 from jkd.models import gguf_io
 from jkd.sampling import decode
 
@@ -117,6 +117,7 @@ def timed(fn):
 
 
 def main():
+  tuned = runtime.tune_host_allocator()  # as jkd's entry points do; PyTorch here shares it
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat")
   parser.add_argument("--new_tokens", type=int, default=128)
@@ -197,7 +198,8 @@ def main():
       f"{args.new_tokens} new tokens per sequence, jkd prompt bucket {args.buckets[0]}"
       f" (prompt lengths {sorted({len(p) for p in prompts})} tokens), best of"
       f" {args.repeats} interleaved runs (medians in brackets);"
-      f" weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+      f" weights {weight_bytes / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s;"
+      f" host allocator: {'freed memory reused (jkd.runtime)' if tuned else 'glibc defaults'}",
       "",
       "| batch | jkd tok/s | transformers tok/s | jkd / transformers | bandwidth bound tok/s |"
       " jkd / bound | matmul only tok/s | jkd / matmul only | jkd compile s | same tokens |"

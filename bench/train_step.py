@@ -24,8 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import losses, models, train
+from jkd import losses, models, runtime, train
 from jkd.models import gguf_io
+
+
+#: How the host allocator ran (jkd.runtime.tune_host_allocator), for the result header.
+ALLOCATOR = {True: "freed memory reused (jkd.runtime.tune_host_allocator, as jkd's entry points"
+                   " run; PyTorch in this process runs with it too)",
+             False: "glibc defaults (JKD_HOST_ALLOCATOR=system)"}
 
 
 def matmul_peak(n: int = 3072, repeats: int = 10) -> float:
@@ -112,6 +118,7 @@ def torch_step(gguf_path, tcfg, batch_np, lr):
 
 
 def main():
+  tuned = runtime.tune_host_allocator()  # as jkd's entry points do; PyTorch here shares it
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=256)
@@ -161,7 +168,8 @@ def main():
            f"machine: {os.cpu_count()} CPU cores, load average {load_start:.1f} at the start,"
            f" {os.getloadavg()[0]:.1f} at the end (other processes share the cores); jax"
            f" {jax.__version__}; measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s; model"
-           f" FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each", ""]
+           f" FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each",
+           "", f"host allocator: {ALLOCATOR[tuned]}", ""]
   if probe:
     import torch  # noqa: PLC0415
     lines += [f"PyTorch {torch.__version__} probe, threads: s/step = "

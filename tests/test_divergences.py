@@ -513,3 +513,37 @@ def test_unknown_divergence_and_option():
     losses.full_divergence("taid", Z, Z)
   with pytest.raises(TypeError, match="unexpected keyword"):
     losses.forward_kl(Z, Z, beta=0.5)
+
+
+@pytest.mark.parametrize("name, options", [("forward_kl", {}), ("reverse_kl", {}),
+                                           ("generalized_jsd", {"beta": 0.5}),
+                                           ("generalized_jsd", {"beta": 0.9})])
+def test_closed_form_gradients_equal_autodiff_of_the_core(name, options, rng):
+  """The closed-form gradients (:data:`CLOSED_FORM`) with respect to both models' logits equal
+  the autodiff of the plain core, banned tokens (-inf where the other model keeps them: the
+  values are infinite there) included."""
+  zs = rng.normal(size=(5, 11)).astype(np.float32) * 2
+  zt = rng.normal(size=(5, 11)).astype(np.float32) * 2
+  zs[0, :3] = -np.inf  # banned by the student only (infinite forward KL)
+  zt[1, 3:5] = -np.inf  # by the teacher only (infinite reverse KL)
+  zs[2, 5:7] = zt[2, 5:7] = -np.inf  # by both
+  weights = rng.uniform(size=5).astype(np.float32)
+
+  def closed(zs, zt):
+    return jnp.sum(weights * losses.divergences.divergence_values(
+        name, zs, zt, temperature=1.5, options=options))
+
+  def core(zs, zt):
+    log_q = jax.nn.log_softmax(zs / 1.5, axis=-1)
+    log_p = jax.nn.log_softmax(zt / 1.5, axis=-1)
+    return jnp.sum(weights * losses.divergences.CORES[name](log_q, log_p, **options) * 2.25)
+
+  rows = slice(2, 5) if name != "generalized_jsd" else slice(0, 5)  # finite-valued rows
+  zs, zt = jnp.asarray(zs[rows]), jnp.asarray(zt[rows])
+  weights = weights[rows]
+  v1, (gs1, gt1) = jax.jit(jax.value_and_grad(closed, argnums=(0, 1)))(zs, zt)
+  v2, (gs2, gt2) = jax.jit(jax.value_and_grad(core, argnums=(0, 1)))(zs, zt)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for got, want in ((gs1, gs2), (gt1, gt2)):
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

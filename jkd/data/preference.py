@@ -596,4 +596,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from jkd import runtime  # noqa: PLC0415
+  runtime.tune_host_allocator()
   sys.exit(main())

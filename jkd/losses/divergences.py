@@ -16,6 +16,7 @@ memory-bounded form in :mod:`jkd.losses.fused`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable
@@ -146,6 +147,99 @@ CORES: dict[str, Callable[..., Array]] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# Closed-form gradients: forward KL, reverse KL and the generalized JSD from logits.
+# ----------------------------------------------------------------------------------------------
+#
+# Differentiating the cores through two log_softmaxes makes XLA keep or recompute many [..., V]
+# intermediates (exp, log, their products) in the backward pass: on a CPU the elementwise work
+# over a 49k vocabulary costs as much as a large matrix product. These divergences have short
+# gradients with respect to the logits (u = z / T, q = softmax(u_s), p = softmax(u_t)):
+#
+#   forward KL  D = sum p (log p - log q):  dD/du_s = q - p,             dD/du_t = p (log p/q - D)
+#   reverse KL  D = sum q (log q - log p):  dD/du_s = q (log q/p - D),   dD/du_t = p - q
+#   GJSD(beta)  m = beta p + (1 - beta) q:  dD/du_s = (1 - beta) q (r - sum q r), r = log q/m
+#                                           dD/du_t = beta p (s - sum p s),       s = log p/m
+#
+# (the m-terms of the JSD cancel: d/dm [beta KL(p||m) + (1 - beta) KL(q||m)] is constant), so
+# they are formed in the forward pass, as Liger-Kernel's fused losses do, and the backward pass
+# only scales them. Zero-probability tokens (-inf logits) contribute 0, never NaN.
+
+#: Divergences with a closed-form gradient (:func:`divergence_values` uses it).
+CLOSED_FORM = ("forward_kl", "reverse_kl", "generalized_jsd")
+
+
+def _xlogy_diff(prob: Array, log_a: Array, log_b: Array) -> Array:
+  """``log_a - log_b`` where ``prob > 0``, else 0 (so that ``prob * diff`` is never NaN)."""
+  return jnp.where(prob > 0, log_a - log_b, 0.0)
+
+
+def _closed_form_parts(name: str, beta: float, temperature: float, zs: Array, zt: Array):
+  """Per-position ``T^2 D`` and the gradients with respect to ``zs`` and ``zt`` (unscaled)."""
+  t = temperature
+  log_q = _common.log_softmax_t(zs, t)
+  log_p = _common.log_softmax_t(zt, t)
+  q, p = jnp.exp(log_q), jnp.exp(log_p)
+  if name == "forward_kl":
+    r = _xlogy_diff(p, log_p, log_q)
+    d = jnp.sum(p * r, axis=-1)
+    grad_s, grad_t = q - p, p * (r - d[..., None])
+  elif name == "reverse_kl":
+    r = _xlogy_diff(q, log_q, log_p)
+    d = jnp.sum(q * r, axis=-1)
+    grad_s, grad_t = q * (r - d[..., None]), p - q
+  else:
+    log_m = jnp.log(beta * p + (1.0 - beta) * q)
+    r_s, r_t = _xlogy_diff(q, log_q, log_m), _xlogy_diff(p, log_p, log_m)
+    ds, dt = jnp.sum(q * r_s, axis=-1), jnp.sum(p * r_t, axis=-1)
+    d = beta * dt + (1.0 - beta) * ds
+    grad_s = (1.0 - beta) * q * (r_s - ds[..., None])
+    grad_t = beta * p * (r_t - dt[..., None])
+  return d * (t * t), (grad_s * t, grad_t * t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _closed_form(name: str, beta: float, temperature: float, zs: Array, zt: Array) -> Array:
+  return _closed_form_parts(name, beta, temperature, zs, zt)[0]
+
+
+def _closed_form_fwd(name, beta, temperature, zs, zt):
+  values, (grad_s, grad_t) = _closed_form_parts(name, beta, temperature, zs, zt)
+  return values, (grad_s.astype(zs.dtype), grad_t.astype(zt.dtype))
+
+
+def _closed_form_bwd(name, beta, temperature, residuals, g):
+  del name, beta, temperature
+  grad_s, grad_t = residuals
+  g = g[..., None]
+  return (g * grad_s).astype(grad_s.dtype), (g * grad_t).astype(grad_t.dtype)
+
+
+_closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)
+
+
+def divergence_values(divergence: str, student_logits: Array, teacher_logits: Array, *,
+                      temperature: float, options: dict[str, Any]) -> Array:
+  """``T^2 D(softmax(zs / T), softmax(zt / T))`` per position for a resolved divergence.
+
+  The divergences of :data:`CLOSED_FORM` (with static options) take their closed-form
+  gradients; the others differentiate their core. Inputs must be validated and masked already
+  (:func:`full_divergence` does that).
+  """
+  beta = options.get("beta", 0.5)
+  if divergence == "generalized_jsd" and isinstance(beta, (int, float)):
+    if beta == 0.0:
+      divergence = "forward_kl"
+    elif beta == 1.0:
+      divergence = "reverse_kl"
+  if divergence in CLOSED_FORM and all(isinstance(v, (int, float)) for v in options.values()):
+    return _closed_form(divergence, float(beta), float(temperature), student_logits,
+                        teacher_logits)
+  log_q = _common.log_softmax_t(student_logits, temperature)
+  log_p = _common.log_softmax_t(teacher_logits, temperature)
+  return CORES[divergence](log_q, log_p, **options) * (temperature ** 2)
+
+
 def resolve_core(divergence: str, options: dict[str, Any]) -> tuple[Callable[..., Array], dict]:
   """Returns the core named ``divergence`` and its validated options (clear errors otherwise)."""
   if not isinstance(divergence, str) or divergence not in CORES:
@@ -176,9 +270,10 @@ def full_divergence(divergence: str, student_logits: Any, teacher_logits: Any, *
   zs, zt = _common.check_logits_pair(student_logits, teacher_logits)
   temperature = _common.check_temperature(temperature)
   where = _common.check_where(where, zs.shape[:-1])
-  log_q = _common.log_softmax_t(_common.mask_rows(zs, where), temperature)
-  log_p = _common.log_softmax_t(_common.mask_rows(zt, where), temperature)
-  values = core(log_q, log_p, **options) * (temperature ** 2)
+  del core
+  values = divergence_values(divergence, _common.mask_rows(zs, where),
+                             _common.mask_rows(zt, where), temperature=temperature,
+                             options=options)
   return _common.apply_where(values, where)
 
 

@@ -198,11 +198,12 @@ def _flatten(hidden: Array, head: Array, where: Any, weights: Any, name: str):
   return hidden.reshape(-1, hidden.shape[-1]), head, mask.reshape(-1), weights.reshape(-1), lead
 
 
-def _divergence_fn(core, static_options, temperature, logits, tok, shared):
+def _divergence_fn(divergence, static_options, temperature, logits, tok, shared):
   teacher_logits = _matmul(tok["teacher_hidden"], shared["teacher_head"])
-  log_q = _common.log_softmax_t(_common.mask_rows(logits, tok["where"]), temperature)
-  log_p = _common.log_softmax_t(_common.mask_rows(teacher_logits, tok["where"]), temperature)
-  values = core(log_q, log_p, **static_options, **shared["options"]) * temperature ** 2
+  values = divergences.divergence_values(
+      divergence, _common.mask_rows(logits, tok["where"]),
+      _common.mask_rows(teacher_logits, tok["where"]), temperature=temperature,
+      options={**static_options, **shared["options"]})
   return jnp.where(tok["where"], values, 0.0)
 
 
@@ -263,7 +264,7 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
         f"teacher vocab {teacher_head.shape[1]} != student vocab {ws.shape[1]}: the models must"
         " share a tokenizer for token-level distillation.")
   static, arrays = _split_options(core, options)
-  fn = functools.partial(_divergence_fn, core, static, temperature)
+  fn = functools.partial(_divergence_fn, divergence, static, temperature)
   token_inputs = {"teacher_hidden": teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
                   "where": mask}
   shared = {"teacher_head": teacher_head, "options": arrays}

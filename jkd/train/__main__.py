@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import sys
 
-import jax
+from jkd import runtime
+
+if __name__ == "__main__":
+  runtime.tune_host_allocator()  # Before JAX allocates anything (see jkd.runtime).
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
