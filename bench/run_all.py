@@ -1,6 +1,6 @@
 """Every benchmark of the project, one after the other, and one report of their tables.
 
-    python bench/run_all.py                 # full sizes (about an hour on a 2-core CPU)
+    python bench/run_all.py                 # full sizes (about 75 minutes on a 2-core CPU)
     python bench/run_all.py --quick         # small shapes, minutes (a smoke run)
     python bench/run_all.py --only losses sampler
     python bench/run_all.py --collect       # only rebuild REPORT.md from bench/results/*.md
@@ -13,6 +13,7 @@ preference     fused vs unfused DPO log-probs: compiled memory and time
 sampler        jkd.sampling vs transformers ``generate`` (needs torch)
 train_step     a distillation step vs a plain PyTorch loop (needs torch)
 quality        distillation vs a CE-only student on the demo corpus
+\*_system_allocator  sampler and train_step with glibc's default allocator settings
 =============  ======================================================================
 
 and writes ``bench/results/REPORT.md``: the machine, then each benchmark's table (from its
@@ -42,6 +43,15 @@ def _commands(quick: bool, workdir: str) -> dict[str, list[str]]:
       "sampler": [py, os.path.join(HERE, "sampler.py"), *q, "--out", res("sampler.md")],
       "train_step": [py, os.path.join(HERE, "train_step.py"), "--out", res("train_step.md"),
                      *(["--steps", "2", "--batch", "2", "--seq", "64"] if quick else [])],
+      # The same two with glibc's default allocator (for jkd and PyTorch alike): see
+      # jkd.runtime.tune_host_allocator, which jkd's entry points and the two above apply.
+      "sampler_system_allocator": [
+          "env", "JKD_HOST_ALLOCATOR=system", py, os.path.join(HERE, "sampler.py"), *q,
+          "--out", res("sampler_system_allocator.md")],
+      "train_step_system_allocator": [
+          "env", "JKD_HOST_ALLOCATOR=system", py, os.path.join(HERE, "train_step.py"),
+          "--out", res("train_step_system_allocator.md"),
+          *(["--steps", "2", "--batch", "2", "--seq", "64"] if quick else [])],
       "quality": [py, os.path.join(HERE, "quality.py"), "--workdir",
                   os.path.join(workdir, "quality"), "--out", res("quality.md"),
                   *(["--arg", "tiny"] if quick else [])],
