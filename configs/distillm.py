@@ -14,24 +14,15 @@ with an evaluation after each (so ``p`` moves and student samples enter the batc
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"kd": {"term": "skew_kl", "weight": 1.0, "alpha": 0.1}}
+  c = recipes.smollm2_config({"kd": {"term": "skew_kl", "weight": 1.0, "alpha": 0.1}})
   c.onpolicy.update(dict(mode="distillm", lmbda=0.5, temperature=1.0, top_p=1.0,
                          max_new_tokens=64, eos_id=2, pad_id=2, buffer_size=1000, p_step=0.1,
                          metric="eval/kl_forward"))
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=20, at_start=True))
-  c.checkpoint.update(dict(every=100, keep=2))
+  c.eval.update(dict(every=20))
+  c.checkpoint.update(dict(every=100))
   if arg == "cpu":
     recipes.cpu_variant(c, steps=4)
     c.onpolicy.update(dict(eos_id=-1, pad_id=0, p_step=0.5))

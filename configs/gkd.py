@@ -13,23 +13,12 @@ batch on-policy (``lmbda=1``, so CI exercises the sampler), 3 steps in seconds.
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5}}
+  c = recipes.smollm2_config({"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5}})
   c.onpolicy.update(dict(mode="gkd", lmbda=0.5, temperature=0.9, top_p=1.0, max_new_tokens=64,
                          eos_id=2, pad_id=2))  # SmolLM2's <|im_end|>.
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=50, at_start=True))
-  c.checkpoint.update(dict(every=50, keep=2))
   if arg == "cpu":
     recipes.cpu_variant(c)
     c.onpolicy.update(dict(lmbda=1.0, eos_id=-1, pad_id=0))

@@ -13,23 +13,18 @@ experts (2 per token), synthetic data, 3 steps in seconds.
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
+  c = recipes.smollm2_config({"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5},
+                              "ce": {"term": "cross_entropy", "weight": 0.1}})
   c.student.source = "random"
   c.student.model.update(dict(num_layers=6, intermediate_size=512, num_experts=8,
                               num_experts_per_tok=2, router_aux_loss_coef=0.01))
-  c.objective = {"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5},
-                 "ce": {"term": "cross_entropy", "weight": 0.1}}
-  c.optimizer.update(dict(lr=1e-3, warmup_steps=50, end_lr_ratio=0.1, weight_decay=0.1))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
-  c.train.update(dict(steps=500, log_every=10, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=100, at_start=True))
-  c.checkpoint.update(dict(every=100, keep=2))
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=50, weight_decay=0.1))
+  c.train.update(dict(steps=500, log_every=10))
+  c.eval.update(dict(every=100))
+  c.checkpoint.update(dict(every=100))
   if arg == "cpu":
     recipes.cpu_variant(c)
     c.student.model.update(dict(num_layers=2, intermediate_size=32, num_experts=4,

@@ -15,23 +15,13 @@ Variant ``cpu``: a random 4-layer teacher (vocabulary 128, width 32), synthetic 
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"kd": {"term": "taid", "weight": 1.0, "total_steps": 0, "t_start": 0.4,
-                        "t_end": 1.0, "alpha": 5e-4, "beta": 0.99}}
+  c = recipes.smollm2_config({"kd": {"term": "taid", "weight": 1.0, "total_steps": 0,
+                                     "t_start": 0.4, "t_end": 1.0, "alpha": 5e-4,
+                                     "beta": 0.99}})
   c.objective.kd.total_steps = c.train.get_ref("steps")
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=50, at_start=True))
-  c.checkpoint.update(dict(every=50, keep=2))
   if arg == "cpu":
     recipes.cpu_variant(c)
   elif arg:

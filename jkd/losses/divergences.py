@@ -266,11 +266,10 @@ def resolve_core(divergence: str, options: dict[str, Any]) -> tuple[Callable[...
 def full_divergence(divergence: str, student_logits: Any, teacher_logits: Any, *,
                     temperature: float = 1.0, where: Any = None, **options) -> Array:
   """Any divergence of :data:`CORES` by name, from full logits (see the named functions)."""
-  core, options = resolve_core(divergence, options)
+  _, options = resolve_core(divergence, options)
   zs, zt = _common.check_logits_pair(student_logits, teacher_logits)
   temperature = _common.check_temperature(temperature)
   where = _common.check_where(where, zs.shape[:-1])
-  del core
   values = divergence_values(divergence, _common.mask_rows(zs, where),
                              _common.mask_rows(zt, where), temperature=temperature,
                              options=options)

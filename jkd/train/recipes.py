@@ -55,18 +55,10 @@ def cpu_variant(c, *, steps: int = 3, seq_len: int = 16, batch_size: int = 4):
   return c
 
 
-def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None):
-  """The config of a token-level distillation recipe (``configs/kd_forward.py``,
-  ``configs/kd_gjsd.py``): SmolLM2-135M-Instruct teaching every 5th of its layers on a
-  teacher-written corpus with ``objective``, and its variants ``cache`` (from an offline teacher
-  cache, ``teacher.online=False``: the divergence reads ``teacher_topk_*`` from the batch),
-  ``cpu`` and ``cpu_cache`` (:func:`cpu_variant`).
-
-  Args:
-    name: the recipe's name (for the unknown-variant error).
-    objective: the :func:`jkd.losses.build_objective` spec.
-    arg: the variant (None: the real run).
-  """
+def smollm2_config(objective: dict[str, Any]):
+  """The base of the SmolLM2 recipes: SmolLM2-135M-Instruct teaching every 5th of its layers
+  with ``objective`` on a teacher-written corpus (200 steps of 8 x 160 tokens, evaluation and
+  checkpoints every 50). Recipes start from it and change what differs."""
   from jkd.train.config import default_config  # noqa: PLC0415
   c = default_config()
   c.teacher.source = "smollm2"
@@ -79,6 +71,22 @@ def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None
   c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
   c.eval.update(dict(every=50, at_start=True))
   c.checkpoint.update(dict(every=50, keep=2))
+  return c
+
+
+def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None):
+  """The config of a token-level distillation recipe (``configs/kd_forward.py``,
+  ``configs/kd_gjsd.py``): SmolLM2-135M-Instruct teaching every 5th of its layers on a
+  teacher-written corpus with ``objective``, and its variants ``cache`` (from an offline teacher
+  cache, ``teacher.online=False``: the divergence reads ``teacher_topk_*`` from the batch),
+  ``cpu`` and ``cpu_cache`` (:func:`cpu_variant`).
+
+  Args:
+    name: the recipe's name (for the unknown-variant error).
+    objective: the :func:`jkd.losses.build_objective` spec.
+    arg: the variant (None: the real run).
+  """
+  c = smollm2_config(objective)
   variant = arg or ""
   if variant not in ("", "cache", "cpu", "cpu_cache"):
     raise ValueError(f"unknown variant {arg!r} of {name}; use no arg, 'cache', 'cpu' or"
