@@ -287,6 +287,12 @@ def test_bf16_inputs(rng):
   grads = jit(jax.grad(lambda a, b: loss_fn(a, b, *cast[2:])[0], argnums=(0, 1)))(*cast[:2])
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
   assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+  # A bf16-compute student with float32 parameters: bf16 hidden states, a float32 head; the
+  # head's gradient stays float32 and follows the float32 one.
+  mixed = jit(jax.grad(lambda a, b: loss_fn(a, b, *cast[2:])[0], argnums=(0, 1)))(cast[0], ws)
+  assert [g.dtype for g in mixed] == [jnp.bfloat16, jnp.float32]
+  exact = jit(jax.grad(lambda a, b: loss_fn(a, b, ht, wt)[0], argnums=1))(hs, ws)
+  assert float(jnp.linalg.norm(mixed[1] - exact)) <= 0.05 * float(jnp.linalg.norm(exact))
 
 
 def test_masked_garbage_positions_leak_no_nan(rng):

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jkd import precision
 from jkd.losses import _common
 from jkd.losses import divergences
 from jkd.losses import sparse
@@ -35,7 +36,8 @@ DEFAULT_CHUNK_SIZE = 512
 
 
 def _matmul(hidden: Array, head: Array) -> Array:
-  return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+  """float32 logits; operands in the hidden states' dtype (bf16 ones accumulate in float32)."""
+  return precision.dot(hidden, head, dtype=hidden.dtype, out_dtype=jnp.float32)
 
 
 def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
@@ -55,20 +57,26 @@ def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
     h, tok, w = chunk
     if not with_grads:
       return grad_head, (token_fn(_matmul(h, head), tok, shared), None)
-    logits, matmul_vjp = jax.vjp(_matmul, h, head)
-    values, loss_vjp = jax.vjp(lambda z: token_fn(z, tok, shared), logits)
+    values, loss_vjp = jax.vjp(lambda z: token_fn(z, tok, shared), _matmul(h, head))
     (grad_logits,) = loss_vjp(w.astype(values.dtype))
-    grad_h, grad_w = matmul_vjp(grad_logits)
-    return grad_head + grad_w.astype(jnp.float32), (values, grad_h)
+    # The products of jkd.precision.dot's backward pass, written out so that the head's gradient
+    # accumulates as [V, H]: for a tied head (the embedding's transpose) the final transpose
+    # cancels, instead of being copied anew in every optimizer-update fusion that reads it.
+    g = grad_logits.astype(h.dtype)
+    grad_h = jax.lax.dot_general(g, head.astype(h.dtype), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(h.dtype)
+    grad_head_t = jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+    return grad_head + grad_head_t, (values, grad_h)
 
-  init = jnp.zeros(head.shape, jnp.float32) if with_grads else None
+  init = jnp.zeros(head.shape[::-1], jnp.float32) if with_grads else None
   grad_head, (values, grad_hidden) = jax.lax.scan(body, init, xs)
   values = values.reshape(-1)[:n]
   loss = jnp.sum(values * weights)
   if not with_grads:
     return loss, values, None
   grad_hidden = grad_hidden.reshape((-1,) + hidden.shape[1:])[:n]
-  return loss, values, (grad_hidden, grad_head.astype(head.dtype))
+  return loss, values, (grad_hidden, grad_head.T.astype(head.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd import precision
 from jkd.models.config import ModelConfig
 
 Array = jax.Array
@@ -28,6 +29,38 @@ PyTree = Any
 
 def _dense_init(axes):
   return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+
+
+class Dense(nn.Module):
+  """``nn.DenseGeneral``'s parameters (names, shapes, initial values) with jkd's product.
+
+  The kernel is ``[in..., features...]`` over the last ``contract`` input axes; the product is
+  :func:`jkd.precision.dot` in ``dtype`` (float32 accumulation for bfloat16).
+  """
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  dtype: Any
+  param_dtype: Any
+  contract: int = 1
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[x.ndim - self.contract:]
+
+    def init(key, shape, dtype):  # As DenseGeneral: drawn as [prod(in), prod(out)], reshaped.
+      flat = (math.prod(fan_in), math.prod(self.features))
+      return nn.initializers.normal(0.02)(key, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        fan_in + tuple(self.features), self.param_dtype)
+    y = precision.dot(x, kernel, contract=self.contract, dtype=self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.axes[self.contract:]), tuple(self.features),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -84,10 +117,8 @@ class Attention(nn.Module):
     d, nh, nkv = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
 
     def proj(name, heads, axes):
-      return nn.DenseGeneral((heads, d), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype,
-                             kernel_init=_dense_init(("embed",) + axes),
-                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                             name=name)(x)
+      return Dense((heads, d), ("embed",) + axes, dtype, pdtype, use_bias=cfg.qkv_bias,
+                   name=name)(x)
 
     q = proj("q", nh, ("heads", "head_dim"))
     k = proj("k", nkv, ("kv_heads", "head_dim"))
@@ -109,12 +140,11 @@ class Attention(nn.Module):
                         preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype))
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype),
+                     preferred_element_type=jnp.float32).astype(dtype)
     out = out.reshape(b, t, nh, d)
-    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype,
-                          param_dtype=pdtype, kernel_init=_dense_init(("heads", "head_dim",
-                                                                       "embed")),
-                          name="o")(out)
+    out = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), dtype, pdtype, contract=2,
+                name="o")(out)
     attn = probs.reshape(b, nh, t, -1) if self.output_attentions else None
     return out, new_cache, attn
 
@@ -126,9 +156,7 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    dense = lambda n, f, axes: nn.DenseGeneral(  # noqa: E731
-        f, use_bias=False, dtype=dtype, param_dtype=pdtype, kernel_init=_dense_init(axes),
-        name=n)
+    dense = lambda n, f, axes: Dense((f,), axes, dtype, pdtype, name=n)  # noqa: E731
     gate = dense("gate", cfg.intermediate_size, ("embed", "mlp"))(x)
     up = dense("up", cfg.intermediate_size, ("embed", "mlp"))(x)
     return dense("down", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
@@ -333,7 +361,7 @@ def apply(params: PyTree, tokens: Array, *, config: ModelConfig,
   logits = None
   if return_logits:
     head = output_head(params, config)
-    logits = jnp.dot(hidden.astype(jnp.float32), head.astype(jnp.float32))
+    logits = precision.dot(hidden, head, dtype=config.dtype, out_dtype=jnp.float32)
   new_cache = None
   if cache is not None:
     new_cache = {"k": new_k, "v": new_v, "mask": key_valid, "index": start + t,
