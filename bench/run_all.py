@@ -12,6 +12,7 @@ losses         fused vs unfused distillation loss: compiled memory and time
 preference     fused vs unfused DPO log-probs: compiled memory and time
 sampler        jkd.sampling vs transformers ``generate`` (needs torch)
 train_step     a distillation step vs a plain PyTorch loop (needs torch)
+train_step_bfloat16  the same step, both frameworks in bf16 mixed precision
 quality        distillation vs a CE-only student on the demo corpus
 \*_system_allocator  sampler and train_step with glibc's default allocator settings
 =============  ======================================================================
@@ -43,6 +44,10 @@ def _commands(quick: bool, workdir: str) -> dict[str, list[str]]:
       "sampler": [py, os.path.join(HERE, "sampler.py"), *q, "--out", res("sampler.md")],
       "train_step": [py, os.path.join(HERE, "train_step.py"), "--out", res("train_step.md"),
                      *(["--steps", "2", "--batch", "2", "--seq", "64"] if quick else [])],
+      "train_step_bfloat16": [
+          py, os.path.join(HERE, "train_step.py"), "--precision", "bfloat16",
+          "--out", res("train_step_bfloat16.md"),
+          *(["--steps", "2", "--batch", "2", "--seq", "64"] if quick else [])],
       # The same two with glibc's default allocator (for jkd and PyTorch alike): see
       # jkd.runtime.tune_host_allocator, which jkd's entry points and the two above apply.
       "sampler_system_allocator": [

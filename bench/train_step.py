@@ -2,6 +2,7 @@
 
     python bench/train_step.py                 # SmolLM2-135M teacher, 6-layer student
     python bench/train_step.py --batch 4 --seq 256 --steps 5 --out bench/results/train_step.md
+    python bench/train_step.py --precision bfloat16   # both frameworks in mixed precision
 
 The step: teacher forward (frozen), student forward + backward, generalized JSD (beta 0.5, as
 TRL's GKD defines it) + nothing else, AdamW update; jkd runs it twice, with full logits and with
@@ -11,7 +12,14 @@ model with the same weights, TRL's ``generalized_jsd_loss`` formula, and ``torch
 in the same process, timed interleaved with jkd; PyTorch runs at the faster of its thread
 counts on a probe step (``--threads``), since under load fewer threads can be faster. MFU is
 model FLOPs (student 3x forward + teacher 1x forward) over the measured float32 matmul peak of
-this machine. PyTorch is needed only here, never by jkd or its tests.
+this machine (the bfloat16 one with ``--precision bfloat16``). PyTorch is needed only here,
+never by jkd or its tests.
+
+``--precision bfloat16`` runs both sides in mixed precision, as each framework is used for it:
+jkd with the engine's ``teacher.param_dtype=bfloat16``, ``teacher.dtype=bfloat16`` and
+``student.dtype=bfloat16`` (float32 student parameters and optimizer); PyTorch with the teacher
+cast to bfloat16 and the student under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Both
+compute the loss from float32 logits.
 """
 
 from __future__ import annotations
@@ -34,10 +42,16 @@ ALLOCATOR = {True: "freed memory reused (jkd.runtime.tune_host_allocator, as jkd
              False: "glibc defaults (JKD_HOST_ALLOCATOR=system)"}
 
 
-def matmul_peak(n: int = 3072, repeats: int = 10) -> float:
-  """Measured float32 matmul FLOP/s of this machine through XLA."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+#: What each --precision runs, for the result header.
+PRECISION = {"float32": "float32",
+             "bfloat16": "bfloat16 mixed precision (bf16 teacher; bf16 compute, f32 parameters"
+                         " for the student)"}
+
+
+def matmul_peak(n: int = 3072, repeats: int = 10, dtype: str = "float32") -> float:
+  """Measured matmul FLOP/s of this machine through XLA (``dtype`` operands, f32 results)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -47,9 +61,13 @@ def matmul_peak(n: int = 3072, repeats: int = 10) -> float:
   return 2 * n ** 3 / best
 
 
-def jkd_step(tcfg, tparams, batch_np, lr, *, fused=False):
+def jkd_step(tcfg, tparams, batch_np, lr, *, fused=False, precision="float32"):
   scfg, sparams = models.student_from_teacher(tparams, tcfg, every=5)
   scfg = scfg.replace(scan_unroll=scfg.num_layers)  # the engine's student.unroll_layers default
+  if precision == "bfloat16":  # As the engine's teacher.param_dtype/dtype and student.dtype.
+    scfg = scfg.replace(dtype="bfloat16")
+    tcfg = tcfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    tparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tparams)
   objective = losses.build_objective({"generalized_jsd": {"beta": 0.5, "fused": fused}})
   opt, sched = train.make_optimizer({"lr": lr, "warmup_steps": 0, "clip_norm": 0.0,
                                      "weight_decay": 0.0}, 1000)
@@ -69,7 +87,7 @@ def jkd_step(tcfg, tparams, batch_np, lr, *, fused=False):
   return scfg, state, run, mem
 
 
-def torch_step(gguf_path, tcfg, batch_np, lr):
+def torch_step(gguf_path, tcfg, batch_np, lr, precision="float32"):
   import torch
   import transformers
   teacher = transformers.AutoModelForCausalLM.from_pretrained(
@@ -105,10 +123,16 @@ def torch_step(gguf_path, tcfg, batch_np, lr):
     per = (b * kl_t + (1 - b) * kl_s).sum(-1)
     return per[mask].mean()
 
+  low = precision == "bfloat16"
+  if low:
+    teacher = teacher.to(torch.bfloat16)
+
   def run(_):
     with torch.no_grad():
-      t_logits = teacher(tokens).logits
-    loss = gjsd(student(tokens).logits, t_logits)
+      t_logits = teacher(tokens).logits.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+      s_logits = student(tokens).logits
+    loss = gjsd(s_logits.float(), t_logits)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -124,6 +148,8 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                      help="both frameworks' compute precision (see the module docstring)")
   parser.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count()}),
                       help="PyTorch thread counts to probe; the faster one is timed")
   parser.add_argument("--out", default="", help="also write the table to this markdown file")
@@ -136,12 +162,13 @@ def main():
   labels = np.roll(tokens, -1, 1)
   labels[:, -1] = -100
   batch = {"tokens": tokens, "labels": labels}
-  peak = matmul_peak()
-  scfg, state, jrun, mem = jkd_step(tcfg, tparams, batch, 1e-4)
-  _, fstate, frun, fmem = jkd_step(tcfg, tparams, batch, 1e-4, fused=True)
+  peak = matmul_peak(dtype=args.precision)
+  scfg, state, jrun, mem = jkd_step(tcfg, tparams, batch, 1e-4, precision=args.precision)
+  _, fstate, frun, fmem = jkd_step(tcfg, tparams, batch, 1e-4, fused=True,
+                                   precision=args.precision)
   runs = {"jkd": jrun, "jkd fused": frun}
   if not args.no_torch:
-    runs["pytorch"] = torch_step(path, tcfg, batch, 1e-4)
+    runs["pytorch"] = torch_step(path, tcfg, batch, 1e-4, args.precision)
   states = {"jkd": state, "jkd fused": fstate, "pytorch": None}
   for name, run in runs.items():  # Warm-up (compilation, allocator).
     states[name], _ = run(states[name])
@@ -164,10 +191,12 @@ def main():
   tok = args.batch * args.seq
   flops = train.step_flops(scfg, tcfg, tok, args.seq)
   lines = [f"# Distillation step: SmolLM2-135M teacher (30 layers) -> 6-layer student,"
-           f" batch {args.batch} x {args.seq} tokens, float32, generalized JSD + AdamW", "",
+           f" batch {args.batch} x {args.seq} tokens, {PRECISION[args.precision]},"
+           " generalized JSD + AdamW", "",
            f"machine: {os.cpu_count()} CPU cores, load average {load_start:.1f} at the start,"
            f" {os.getloadavg()[0]:.1f} at the end (other processes share the cores); jax"
-           f" {jax.__version__}; measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s; model"
+           f" {jax.__version__}; measured {args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s;"
+           f" model"
            f" FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each",
            "", f"host allocator: {ALLOCATOR[tuned]}", ""]
   if probe:
