@@ -57,26 +57,20 @@ def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
     h, tok, w = chunk
     if not with_grads:
       return grad_head, (token_fn(_matmul(h, head), tok, shared), None)
-    values, loss_vjp = jax.vjp(lambda z: token_fn(z, tok, shared), _matmul(h, head))
+    logits, matmul_vjp = jax.vjp(_matmul, h, head)
+    values, loss_vjp = jax.vjp(lambda z: token_fn(z, tok, shared), logits)
     (grad_logits,) = loss_vjp(w.astype(values.dtype))
-    # The products of jkd.precision.dot's backward pass, written out so that the head's gradient
-    # accumulates as [V, H]: for a tied head (the embedding's transpose) the final transpose
-    # cancels, instead of being copied anew in every optimizer-update fusion that reads it.
-    g = grad_logits.astype(h.dtype)
-    grad_h = jax.lax.dot_general(g, head.astype(h.dtype), (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(h.dtype)
-    grad_head_t = jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-    return grad_head + grad_head_t, (values, grad_h)
+    grad_h, grad_w = matmul_vjp(grad_logits)
+    return grad_head + grad_w.astype(jnp.float32), (values, grad_h)
 
-  init = jnp.zeros(head.shape[::-1], jnp.float32) if with_grads else None
+  init = jnp.zeros(head.shape, jnp.float32) if with_grads else None
   grad_head, (values, grad_hidden) = jax.lax.scan(body, init, xs)
   values = values.reshape(-1)[:n]
   loss = jnp.sum(values * weights)
   if not with_grads:
     return loss, values, None
   grad_hidden = grad_hidden.reshape((-1,) + hidden.shape[1:])[:n]
-  return loss, values, (grad_hidden, grad_head.T.astype(head.dtype))
+  return loss, values, (grad_hidden, grad_head.astype(head.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
