@@ -196,8 +196,7 @@ def main():
            f"machine: {os.cpu_count()} CPU cores, load average {load_start:.1f} at the start,"
            f" {os.getloadavg()[0]:.1f} at the end (other processes share the cores); jax"
            f" {jax.__version__}; measured {args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s;"
-           f" model"
-           f" FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each",
+           f" model FLOPs/step {flops / 1e9:.1f} G; {args.steps} interleaved timed steps each",
            "", f"host allocator: {ALLOCATOR[tuned]}", ""]
   if probe:
     import torch  # noqa: PLC0415

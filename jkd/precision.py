@@ -32,31 +32,29 @@ def _matrix(a: Array, rows: int) -> Array:
   return a.reshape(math.prod(a.shape[:rows]), math.prod(a.shape[rows:]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _low_precision_dot(x, w, contract, dtype, out_dtype):
-  return _fwd(x, w, contract, dtype, out_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _low_precision_dot(x, w, contract, dtype, out_dtype, x_dtype, w_dtype):
+  return _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype)[0]
 
 
 # Every product is a plain 2-D [M, K] x [K, N] one (or with one operand transposed): XLA:CPU's
 # fallback dot (taken for other layouts) has no bf16 x bf16 -> f32 kernel.
-def _fwd(x, w, contract, dtype, out_dtype):
+def _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype):
+  del x_dtype, w_dtype
+  xc, wc = x.astype(dtype), w.astype(dtype)
   free_x = x.ndim - contract
-  xc, wc = _matrix(x.astype(dtype), free_x), _matrix(w.astype(dtype), contract)
-  y = jnp.dot(xc, wc, preferred_element_type=jnp.float32)
-  shape = x.shape[:free_x] + w.shape[contract:]
-  # The zero-size arrays carry the operands' shapes and dtypes to the backward pass.
-  like = (jnp.zeros((0,) + x.shape, x.dtype), jnp.zeros((0,) + w.shape, w.dtype))
-  return y.astype(out_dtype).reshape(shape), (xc, wc, like)
+  y = jnp.dot(_matrix(xc, free_x), _matrix(wc, contract), preferred_element_type=jnp.float32)
+  return y.astype(out_dtype).reshape(x.shape[:free_x] + w.shape[contract:]), (xc, wc)
 
 
-def _bwd(contract, dtype, out_dtype, residuals, g):
-  xc, wc, (x_like, w_like) = residuals
-  x_shape, w_shape = x_like.shape[1:], w_like.shape[1:]
-  g = _matrix(g.astype(dtype), len(x_shape) - contract)
-  dx = lax.dot_general(g, wc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  dw = lax.dot_general(xc, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return (dx.astype(x_like.dtype).reshape(x_shape),
-          dw.astype(w_like.dtype).reshape(w_shape))
+def _bwd(contract, dtype, out_dtype, x_dtype, w_dtype, residuals, g):
+  del out_dtype
+  xc, wc = residuals
+  free_x = xc.ndim - contract
+  xm, wm, gm = _matrix(xc, free_x), _matrix(wc, contract), _matrix(g.astype(dtype), free_x)
+  dx = lax.dot_general(gm, wm, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dw = lax.dot_general(xm, gm, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx.astype(x_dtype).reshape(xc.shape), dw.astype(w_dtype).reshape(wc.shape)
 
 
 _low_precision_dot.defvjp(_fwd, _bwd)
@@ -97,4 +95,5 @@ def dot(x: Array, w: Array, *, contract: int = 1, dtype=None, out_dtype=None) ->
   if dtype.itemsize >= 4:
     y = lax.dot_general(x.astype(dtype), w.astype(dtype), _dims(x.ndim, contract))
     return y.astype(out_dtype)
-  return _low_precision_dot(x, w, contract, dtype, out_dtype)
+  return _low_precision_dot(x, w, contract, dtype, out_dtype, jnp.dtype(x.dtype),
+                            jnp.dtype(w.dtype))
