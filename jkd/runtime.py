@@ -1,5 +1,10 @@
-"""Process-level settings for fast CPU runs; jkd's command-line entry points apply them.
+"""Process-level settings for jkd's command-line entry points (:func:`prepare_process`).
 
+**Quiet start.** transformers prints "PyTorch was not found. Models won't be available..." when
+it is imported without PyTorch. jkd needs only its tokenizers and configs, never its PyTorch
+models, so the entry points turn such advisory lines off (:func:`quiet_libraries`).
+
+**Host memory.**
 XLA:CPU allocates a step's large buffers anew at every call: the ``[tokens, vocab]`` logits of
 both models, their gradients and the step's temporary buffer (2 GiB for the benchmark's
 distillation step). glibc serves allocations of more than 32 MiB with fresh ``mmap`` pages and
@@ -12,6 +17,7 @@ effect). The resident memory then stays at its peak rather than shrinking betwee
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 
@@ -49,3 +55,47 @@ def tune_host_allocator() -> bool:
   # A trim threshold of -1 (SIZE_MAX once glibc converts it) never trims.
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+#: Environment settings that silence third-party start-up banners which read like errors; an
+#: existing value of the user's is kept.
+QUIET_ENV = {
+    # transformers' "PyTorch was not found..." (jkd uses its tokenizers, not its models).
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def quiet_libraries() -> None:
+  """Silences third-party advisory banners (:data:`QUIET_ENV`) for this process.
+
+  Call it before those libraries are imported; a variable the user has set keeps its value.
+  """
+  for name, value in QUIET_ENV.items():
+    os.environ.setdefault(name, value)
+
+
+def prepare_process() -> None:
+  """What every jkd entry point applies first: :func:`quiet_libraries`, :func:`tune_host_allocator`."""
+  quiet_libraries()
+  tune_host_allocator()
+
+
+def require(module: str, feature: str, extra: str = "train") -> None:
+  """Raises a clear ``ImportError`` when ``module`` is not installed.
+
+  The library core (``pip install jkd``) holds the losses, models and sampler; the engine, the
+  data pipelines and the tokenizers need ``jkd[train]``.
+
+  Args:
+    module: the top-level module a feature imports, e.g. ``"transformers"``.
+    feature: what needs it, for the message.
+    extra: the install extra that brings it.
+
+  Raises:
+    ImportError: naming the feature, the module and the install command.
+  """
+  try:
+    importlib.import_module(module)
+  except ImportError as e:
+    raise ImportError(f"{feature} needs the {module!r} package, which the core install of jkd"
+                      f" does not include: pip install 'jkd[{extra}]'") from e

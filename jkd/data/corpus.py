@@ -418,5 +418,5 @@ def main(argv: list[str] | None = None) -> str:
 
 if __name__ == "__main__":
   from jkd import runtime  # noqa: PLC0415
-  runtime.tune_host_allocator()
+  runtime.prepare_process()
   main()

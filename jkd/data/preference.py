@@ -597,5 +597,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   from jkd import runtime  # noqa: PLC0415
-  runtime.tune_host_allocator()
+  runtime.prepare_process()
   sys.exit(main())

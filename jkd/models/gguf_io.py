@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jkd import runtime
 from jkd.models import hf
 from jkd.models import transformer
 from jkd.models.config import ARCHITECTURES, ModelConfig
@@ -440,7 +441,9 @@ def load_tokenizer(source: str):
   Raises:
     FileNotFoundError: ``source`` does not exist, or the directory holds no tokenizer.
     ValueError: the GGUF holds no tokenizer, or one of an unsupported kind.
+    ImportError: ``transformers`` is not installed (it comes with ``jkd[train]``).
   """
+  runtime.require("transformers", "load_tokenizer")
   source = os.fspath(source)
   if os.path.isfile(source):
     return _tokenizer_from_gguf(source)

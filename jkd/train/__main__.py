@@ -15,7 +15,7 @@ import sys
 from jkd import runtime
 
 if __name__ == "__main__":
-  runtime.tune_host_allocator()  # Before JAX allocates anything (see jkd.runtime).
+  runtime.prepare_process()  # Before JAX allocates or transformers is imported.
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app
