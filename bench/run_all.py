@@ -1,4 +1,4 @@
-"""Every benchmark of the project, one after the other, and one report of their tables.
+r"""Every benchmark of the project, one after the other, and one report of their tables.
 
     python bench/run_all.py                 # full sizes (about 75 minutes on a 2-core CPU)
     python bench/run_all.py --quick         # small shapes, minutes (a smoke run)
