@@ -93,7 +93,7 @@ def test_cpu_variant_trains_end_to_end(name, variant, tmp_path):
   recipes.apply_overrides(cfg, _data_overrides(module, str(tmp_path / "data"), variant))
   cfg.lock()
   assert cfg.teacher.source == "random", "a CPU variant uses a tiny random teacher"
-  assert cfg.teacher.model.vocab_size <= 256 and cfg.teacher.model.hidden_size <= 64
+  assert cfg.teacher.model.vocab_size <= 256 and cfg.teacher.model.hidden_size <= 128
   steps = int(cfg.train.steps)
   assert steps <= 8
   result, lines = _run(cfg, str(tmp_path / "run"))

@@ -165,3 +165,43 @@ def test_feature_terms_route_and_match_numpy(batch):
   np.testing.assert_allclose(metrics["loss/hidden_state"], expect, rtol=1e-5)
   assert np.isfinite(metrics["loss/sinkhorn"]) and float(metrics["loss/sinkhorn"]) > 0
   np.testing.assert_allclose(total, expect + 0.5 * metrics["loss/sinkhorn"], rtol=1e-5)
+
+
+def test_hidden_state_learns_projections_between_widths(batch):
+  # Student width 4, teacher width 6: the term's own parameters are one [4, 6] projection per
+  # mapped pair, made from the inputs' shapes alone; the loss is the MSE of the projected states.
+  k = jax.random.split(jax.random.key(7), 2)
+  s = jax.random.normal(k[0], (2, 2, 5, 4))  # [L, B, T, H] as the models return them
+  t = jax.random.normal(k[1], (4, 2, 5, 6))
+  inputs = dict(student_hiddens=s, teacher_hiddens=t, labels=batch["labels"],
+                where=batch["where"])
+  obj = losses.build_objective({"hidden_state": {"layer_map": "uniform"}})
+  assert obj.input_keys == {"student_hiddens", "teacher_hiddens"}
+  shapes = jax.eval_shape(lambda: obj.init_params(jax.random.key(0), jax.eval_shape(
+      lambda: inputs)))
+  assert shapes["hidden_state"].shape == (2, 4, 6)
+  params = obj.init_params(jax.random.key(0), inputs)
+  proj = np.asarray(params["hidden_state"], np.float64)
+  assert 0.2 < proj.std() < 1.0  # LeCun normal: std about 1/sqrt(4)
+  _, metrics = jax.jit(lambda x, p: obj(x, None, p))(inputs, params)
+  mask = (batch["labels"] != -100) & batch["where"]
+  s64, t64 = np.asarray(s, np.float64), np.asarray(t, np.float64)
+  mse = lambda a, b: np.mean((a - b) ** 2, -1)  # noqa: E731
+  expect = ((mse(s64[0] @ proj[0], t64[1]) + mse(s64[1] @ proj[1], t64[3])) / 2)[mask].mean()
+  np.testing.assert_allclose(metrics["loss/hidden_state"], expect, rtol=1e-5)
+  grads = jax.grad(lambda p: obj(inputs, None, p)[0])(params)
+  assert float(jnp.abs(grads["hidden_state"]).sum()) > 0
+  with pytest.raises(ValueError, match="student width 4 != teacher width 6"):
+    obj(inputs)
+  # Equal widths: no parameters.
+  assert obj.init_params(jax.random.key(0), dict(student_hiddens=t[:2], teacher_hiddens=t)) == {}
+
+
+def test_input_keys_and_state_metrics_come_from_declarations():
+  obj = losses.build_objective({"taid": {"total_steps": 10},
+                                "attention_transfer": 0.5, "cross_entropy": 0.1})
+  assert {"student_attentions", "teacher_attentions", "student_logits", "labels",
+          "teacher_hidden"} <= obj.input_keys
+  assert "student_hiddens" not in obj.input_keys
+  state = obj.init_state()
+  np.testing.assert_allclose(obj.state_metrics(state)["taid/t"], 0.4)

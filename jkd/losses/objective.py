@@ -27,12 +27,23 @@ that loss, checked when the objective is built: a typo is an error naming the va
 ``teacher_hidden``         ``[B, T, Ht]`` and ``teacher_head`` ``[Ht, V]`` likewise
 ``student_hiddens``        per-layer hidden states (feature terms), ``teacher_hiddens`` likewise
 ``student_attentions``     per-layer attention maps, ``teacher_attentions`` likewise
-``projections``            learned projection(s) for hidden-state terms (part of the params)
+``projections``            fixed projection(s) for hidden-state terms (learned ones are the
+                           term's own parameters, below)
 ``teacher_index``          ``[B, T]`` teacher position aligned to each student position (``uld``)
 =========================  ===================================================================
 
 Stateful terms (TAID) keep their state in ``objective.init_state()``; the train step passes it
 in and calls ``objective.update_state(state, metrics, step)`` after the gradient step.
+
+Terms with trainable parameters of their own (the projections of ``hidden_state`` between
+different widths) declare ``init_params``: ``objective.init_params(key, inputs)`` makes them
+from the inputs' shapes, the train state holds them and trains them with the student, and
+``objective(inputs, state, params)`` hands each term its own.
+
+The engine runs the models for exactly what the terms declare in ``needs``: per-layer hidden
+states only when a term names ``student_hiddens``/``teacher_hiddens``, attention maps only for
+``*_attentions`` (:attr:`Objective.input_keys`), so a term registered from user code gets the
+same inputs as a built-in one.
 """
 
 from __future__ import annotations
@@ -64,16 +75,25 @@ class LossTerm:
   Attributes:
     fn: ``fn(inputs, **options) -> scalar``, or ``(scalar, {metric: value})`` whose extra
       metrics are logged as ``<term name>/<metric>`` (stateful terms also receive ``state=``).
-    needs: input keys the term reads (for error messages), as alternatives: a tuple of tuples.
+    needs: the input keys the term reads, as alternatives (a tuple of tuples): the engine
+      computes every key named here (hidden states, attention maps) and error messages list
+      them.
     init_state: for stateful terms, ``init_state(**options) -> pytree``.
     update_state: ``update_state(state, value, step, **options) -> state``.
     validate: optional ``validate(**options)`` run when the objective is built.
+    init_params: for terms with trainable parameters, ``init_params(key, inputs, **options)
+      -> pytree or None``; ``inputs`` may hold only shapes (``jax.ShapeDtypeStruct``). The
+      term's ``fn`` then receives them as ``params=``.
+    state_metrics: ``state_metrics(state) -> {name: scalar}``, logged as ``<term name>/<name>``
+      at every step (TAID's ``t``).
   """
   fn: Callable[..., Array]
   needs: tuple[tuple[str, ...], ...] = ()
   init_state: Callable[..., Any] | None = None
   update_state: Callable[..., Any] | None = None
   validate: Callable[..., Any] | None = None
+  init_params: Callable[..., Any] | None = None
+  state_metrics: Callable[[Any], Mapping[str, Array]] | None = None
 
 
 #: The registry of named loss terms. Add your own with :func:`register_loss_term`.
@@ -81,7 +101,7 @@ LOSS_TERMS: dict[str, LossTerm] = {}
 
 
 def register_loss_term(name: str, *, needs=(), init_state=None, update_state=None,
-                       validate=None):
+                       validate=None, init_params=None, state_metrics=None):
   """Decorator that registers ``fn(inputs, **options) -> scalar`` as the term ``name``.
 
   >>> @register_loss_term("my_l2", needs=(("student_logits",),))
@@ -97,7 +117,8 @@ def register_loss_term(name: str, *, needs=(), init_state=None, update_state=Non
       raise ValueError(f"a loss term named {name!r} is already registered.")
     LOSS_TERMS[name] = LossTerm(fn=fn, needs=tuple(tuple(n) for n in needs),
                                 init_state=init_state, update_state=update_state,
-                                validate=validate)
+                                validate=validate, init_params=init_params,
+                                state_metrics=state_metrics)
     return fn
   return decorator
 
@@ -221,7 +242,8 @@ def _taid_validate(*, total_steps: int, t_start: float = 0.4, t_end: float = 1.0
 
 
 register_loss_term("taid", needs=_DIVERGENCE_NEEDS, init_state=_taid_init,
-                   update_state=_taid_update, validate=_taid_validate)(_taid_term)
+                   update_state=_taid_update, validate=_taid_validate,
+                   state_metrics=lambda state: {"t": state.t})(_taid_term)
 
 
 @register_loss_term("cross_entropy", needs=(("student_logits", "labels"),
@@ -247,13 +269,42 @@ def _layer_map(layer_map, n_student: int, n_teacher: int):
   return features.uniform_layer_map(n_student, n_teacher) if layer_map == "uniform" else layer_map
 
 
-@register_loss_term("hidden_state", needs=(("student_hiddens", "teacher_hiddens"),))
-def _hidden_state_term(inputs, *, layer_map="uniform", metric: str = "mse"):
-  """Mapped per-layer hidden-state distance (projections from ``inputs["projections"]``)."""
+def _layers_and_width(hiddens) -> tuple[int, int]:
+  """``(layers, width)`` of per-layer hidden states: a ``[L, B, T, H]`` array (or its shape) or
+  a list of ``[B, T, H]``."""
+  if isinstance(hiddens, (list, tuple)):
+    return len(hiddens), hiddens[0].shape[-1]
+  return hiddens.shape[0], hiddens.shape[-1]
+
+
+def _hidden_state_params(key, inputs, *, layer_map="uniform", metric: str = "mse"):
+  """One trainable ``[Hs, Ht]`` projection per mapped layer pair when the widths differ."""
+  del metric
+  if inputs.get("student_hiddens") is None or inputs.get("teacher_hiddens") is None:
+    return None
+  (ls, hs), (lt, ht) = map(_layers_and_width, (inputs["student_hiddens"],
+                                                inputs["teacher_hiddens"]))
+  if hs == ht:
+    return None
+  keys = jax.random.split(key, len(_layer_map(layer_map, ls, lt)))
+  return jnp.stack([features.init_projection(k, hs, ht) for k in keys])
+
+
+@register_loss_term("hidden_state", needs=(("student_hiddens", "teacher_hiddens"),),
+                    init_params=_hidden_state_params)
+def _hidden_state_term(inputs, *, params=None, layer_map="uniform", metric: str = "mse"):
+  """Mapped per-layer hidden-state distance, through the term's learned projections when the
+  widths differ (``params``), or ``inputs["projections"]`` when given."""
   s, t = inputs["student_hiddens"], inputs["teacher_hiddens"]
+  (_, hs), (_, ht) = _layers_and_width(s), _layers_and_width(t)
+  if params is None and inputs.get("projections") is None and hs != ht:
+    raise ValueError(f"hidden_state: student width {hs} != teacher width {ht} and no"
+                     " projections: make the term's parameters with"
+                     " objective.init_params(key, inputs) (the engine does).")
   mask = token_mask(inputs)
   values = features.layer_map_hidden_loss(
-      s, t, _layer_map(layer_map, len(s), len(t)), projections=inputs.get("projections"),
+      s, t, _layer_map(layer_map, len(s), len(t)),
+      projections=params if params is not None else inputs.get("projections"),
       metric=metric, where=mask)
   return tokens.masked_mean(values, mask)
 
@@ -336,12 +387,38 @@ class Objective:
   def names(self) -> tuple[str, ...]:
     return tuple(t.name for t in self.terms)
 
+  @property
+  def input_keys(self) -> frozenset[str]:
+    """Every input key that some term's ``needs`` names (what the models must produce)."""
+    return frozenset(key for t in self.terms for alternative in t.term.needs
+                     for key in alternative)
+
+  def init_params(self, key: Array, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Trainable parameters of the terms that have them, ``{term name: pytree}``.
+
+    Args:
+      key: a ``jax.random`` key (split per term).
+      inputs: the objective's inputs, or their shapes (``jax.eval_shape`` of them).
+    """
+    params = {}
+    for i, t in enumerate(self.terms):
+      if t.term.init_params is not None:
+        value = t.term.init_params(jax.random.fold_in(key, i), inputs, **t.options)
+        if value is not None:
+          params[t.name] = value
+    return params
+
+  def state_metrics(self, state: Mapping[str, Any]) -> dict[str, Array]:
+    """``{"<term name>/<name>": value}`` from the stateful terms' ``state_metrics``."""
+    return {f"{t.name}/{k}": v for t in self.terms if t.term.state_metrics is not None
+            for k, v in t.term.state_metrics(state[t.name]).items()}
+
   def init_state(self) -> dict[str, Any]:
     """State of the stateful terms, ``{term name: pytree}`` (empty if none)."""
     return {t.name: t.term.init_state(**t.options) for t in self.terms if t.term.init_state}
 
-  def __call__(self, inputs: Mapping[str, Any], state: Mapping[str, Any] | None = None
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, inputs: Mapping[str, Any], state: Mapping[str, Any] | None = None,
+               params: Mapping[str, Any] | None = None) -> tuple[Array, dict[str, Array]]:
     metrics = {}
     total = jnp.zeros((), jnp.float32)
     for t in self.terms:
@@ -351,6 +428,8 @@ class Objective:
           raise ValueError(f"loss term {t.name!r} is stateful: pass objective.init_state() (and"
                            " its updates) as the state argument.")
         kwargs["state"] = state[t.name]
+      if t.term.init_params is not None:
+        kwargs["params"] = (params or {}).get(t.name)
       value = t.term.fn(inputs, **kwargs)
       if isinstance(value, tuple):  # (scalar, extra metrics), logged as "<name>/<metric>".
         value, extra = value
@@ -379,7 +458,7 @@ def _check_options(name: str, term: LossTerm, options: dict) -> None:
   params = inspect.signature(term.fn).parameters
   accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
   allowed = [n for n, p in params.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "state"]
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("state", "params")]
   if not accepts_any:
     unknown = sorted(set(options) - set(allowed))
     if unknown:

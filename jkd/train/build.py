@@ -23,7 +23,7 @@ from jkd import losses
 from jkd import models
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import sharding
-from jkd.train.step import TrainState, init_state
+from jkd.train.step import TrainState, init_state, init_term_params
 
 PyTree = Any
 
@@ -242,12 +242,16 @@ def student_params(cfg, config: models.ModelConfig, teacher: Teacher, shardings:
 # The train state.
 
 def state_shardings(config: models.ModelConfig, optimizer: optax.GradientTransformation,
-                    objective: losses.Objective, mesh: Mesh, rules
-                    ) -> tuple[TrainState, TrainState]:
+                    objective: losses.Objective, mesh: Mesh, rules,
+                    term_params: PyTree | None = None) -> tuple[TrainState, TrainState]:
   """``(abstract state whose leaves carry their sharding, state shardings)`` of a student
-  (:func:`jkd.train.sharding.state_shardings`: Adam's moments follow their parameters)."""
-  abstract = jax.eval_shape(lambda p: init_state(p, optimizer, objective),
-                            abstract_params(config)[0])
+  (:func:`jkd.train.sharding.state_shardings`: Adam's moments follow their parameters).
+
+  ``term_params``: the loss terms' trainable parameters, or their shapes (see
+  :func:`jkd.train.step.init_term_params`).
+  """
+  abstract = jax.eval_shape(lambda p, tp: init_state(p, optimizer, objective, tp),
+                            abstract_params(config)[0], term_params)
   shardings = sharding.state_shardings(abstract, param_shardings(config, mesh, rules),
                                        optimizer, mesh)
   with_sharding = jax.tree.map(
@@ -255,10 +259,25 @@ def state_shardings(config: models.ModelConfig, optimizer: optax.GradientTransfo
   return with_sharding, shardings
 
 
+def term_params(objective: losses.Objective, key: jax.Array,
+                student_config: models.ModelConfig,
+                teacher_config: models.ModelConfig | None) -> PyTree:
+  """The loss terms' trainable parameters (e.g. ``hidden_state`` projections between widths),
+  from the models' shapes alone (no weights read); ``teacher_config`` None: no teacher in the
+  step. Under ``jax.eval_shape`` it gives their shapes."""
+  teacher_params = None if teacher_config is None else abstract_params(teacher_config)[0]
+  return init_term_params(objective, key, params=abstract_params(student_config)[0],
+                          teacher_params=teacher_params, student_config=student_config,
+                          teacher_config=teacher_config)
+
+
 def create_state(params: PyTree, optimizer: optax.GradientTransformation,
-                 objective: losses.Objective, shardings: TrainState) -> TrainState:
-  """A fresh train state from ``params``, made directly in ``shardings``."""
-  return jax.jit(lambda p: init_state(p, optimizer, objective), out_shardings=shardings)(params)
+                 objective: losses.Objective, shardings: TrainState,
+                 term_params: PyTree | None = None) -> TrainState:
+  """A fresh train state from ``params`` (and the loss terms' ``term_params``), made directly
+  in ``shardings``."""
+  return jax.jit(lambda p, tp: init_state(p, optimizer, objective, tp),
+                 out_shardings=shardings)(params, term_params)
 
 
 def model_record(config: models.ModelConfig) -> dict[str, Any]:

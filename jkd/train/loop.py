@@ -342,8 +342,12 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   build.check_tokenizers(cfg, objective, teacher_spec.config, student_cfg)
   total = int(cfg.train.steps)
   optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), total)
+  online = bool(cfg.teacher.online)
+  terms_key = jax.random.fold_in(key, 3)
+  make_term_params = lambda: build.term_params(  # noqa: E731
+      objective, terms_key, student_cfg, teacher_spec.config if online else None)
   abstract_state, state_sh = build.state_shardings(student_cfg, optimizer, objective, mesh,
-                                                   rules)
+                                                   rules, jax.eval_shape(make_term_params))
   if train_source is None:
     train_source, config_eval = make_sources(cfg, teacher_spec.config.vocab_size)
     train_source = train_selection.select_source(cfg, train_source)  # data.select (MiniPLM)
@@ -362,7 +366,6 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     cleanup.callback(checkpointer.close)
     cleanup.callback(checkpointer.wait)  # Runs first: a pending save completes.
     restored = checkpointer.restore(abstract_state)
-    online = bool(cfg.teacher.online)
     built, teacher = teacher, None  # teacher.online=False: only a `layers` student's init.
     if online or (restored is None and _student_needs_teacher(cfg)):
       teacher = built if built is not None else build.build_teacher(
@@ -378,7 +381,8 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       start = 0
       state = build.create_state(
           build.student_params(cfg, student_cfg, teacher, state_sh.params,
-                               jax.random.fold_in(key, 1)), optimizer, objective, state_sh)
+                               jax.random.fold_in(key, 1)), optimizer, objective, state_sh,
+          make_term_params())
     if online:
       teacher = build.freeze_teacher(teacher, cfg.teacher.param_dtype)
     else:  # Dropped: the step receives None and reads a sparse teacher from the batch.

@@ -110,7 +110,8 @@ def describe(shardings: Any) -> str:
 def state_shardings(abstract_state: Any, param_shardings: Any, optimizer: Any,
                     mesh: Mesh) -> Any:
   """Shardings of a whole :class:`jkd.train.TrainState`: parameter-shaped optimizer slots
-  (Adam's moments) follow their parameter; everything else is replicated."""
+  (Adam's moments) follow their parameter; everything else (the loss terms' small parameters
+  and their optimizer state included) is replicated."""
   import optax
   replicated = NamedSharding(mesh, PartitionSpec())
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state,
@@ -118,4 +119,6 @@ def state_shardings(abstract_state: Any, param_shardings: Any, optimizer: Any,
   return abstract_state.replace(
       step=replicated, params=param_shardings, opt_state=opt,
       objective_state=jax.tree.map(lambda _: replicated, abstract_state.objective_state),
-      nan_streak=replicated, skipped=replicated)
+      nan_streak=replicated, skipped=replicated,
+      term_params=jax.tree.map(lambda _: replicated, abstract_state.term_params),
+      term_opt_state=jax.tree.map(lambda _: replicated, abstract_state.term_opt_state))

@@ -34,6 +34,10 @@ class TrainState:
     objective_state: state of stateful loss terms (TAID's schedule).
     nan_streak: consecutive skipped (non-finite) steps.
     skipped: total skipped steps.
+    term_params: trainable parameters of loss terms, ``{term name: pytree}`` (the projections
+      of ``hidden_state`` between different widths; :meth:`jkd.losses.Objective.init_params`),
+      ``{}`` when no term has any. Trained with the student, by the same optimizer.
+    term_opt_state: the optimizer's state for ``term_params``.
   """
   step: jax.Array
   params: PyTree
@@ -41,6 +45,8 @@ class TrainState:
   objective_state: PyTree
   nan_streak: jax.Array
   skipped: jax.Array
+  term_params: PyTree
+  term_opt_state: PyTree
 
 
 def _decay_mask(params: PyTree) -> PyTree:
@@ -74,19 +80,41 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation,
-               objective: losses.Objective) -> TrainState:
-  """A fresh train state (call under ``jax.jit(..., out_shardings=...)`` to create it sharded)."""
+               objective: losses.Objective, term_params: PyTree | None = None) -> TrainState:
+  """A fresh train state (call under ``jax.jit(..., out_shardings=...)`` to create it sharded).
+
+  ``term_params``: the loss terms' trainable parameters (:func:`init_term_params`), if any.
+  """
   zero = jnp.zeros((), jnp.int32)
+  term_params = {} if term_params is None else term_params
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                    objective_state=objective.init_state(), nan_streak=zero, skipped=zero)
+                    objective_state=objective.init_state(), nan_streak=zero, skipped=zero,
+                    term_params=term_params, term_opt_state=optimizer.init(term_params))
 
 
 def _needs(objective: losses.Objective) -> dict[str, bool]:
-  fused = any(t.options.get("fused", False) for t in objective.terms)
-  names = {t.term.fn.__name__ for t in objective.terms}
-  return {"fused": fused,
-          "hidden_states": bool(names & {"_hidden_state_term"}),
-          "attentions": bool(names & {"_attention_term"})}
+  """What the models must return, from the keys the terms declare in ``needs``."""
+  keys = objective.input_keys
+  return {"fused": any(t.options.get("fused", False) for t in objective.terms),
+          "hidden_states": bool(keys & {"student_hiddens", "teacher_hiddens"}),
+          "attentions": bool(keys & {"student_attentions", "teacher_attentions"})}
+
+
+def init_term_params(objective: losses.Objective, key: jax.Array, *, params: PyTree,
+                     teacher_params: PyTree | None, student_config: models.ModelConfig,
+                     teacher_config: models.ModelConfig | None, seq_len: int = 8) -> PyTree:
+  """The loss terms' trainable parameters, ``{term name: pytree}``, from the models' shapes.
+
+  The objective's inputs are traced abstractly (``jax.eval_shape``: no model runs) on a
+  ``[1, seq_len]`` batch; ``params`` and ``teacher_params`` may be shapes too. Wrap the call in
+  ``jax.eval_shape`` for the parameters' shapes alone.
+  """
+  batch = {k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("tokens", "labels")}
+  inputs = jax.eval_shape(
+      lambda p, t, b: model_inputs(p, t, b, student_config=student_config,
+                                   teacher_config=teacher_config, objective=objective)[0],
+      params, teacher_params, batch)
+  return objective.init_params(key, inputs)
 
 
 def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
@@ -193,10 +221,11 @@ def make_train_step(*, student_config: models.ModelConfig,
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1 (got {grad_accum}).")
 
-  def loss_fn(params, batch, teacher_params, objective_state):
+  def loss_fn(trainable, batch, teacher_params, objective_state):
+    params, term_params = trainable
     inputs, aux = model_inputs(params, teacher_params, batch, student_config=student_config,
                                teacher_config=teacher_config, objective=objective)
-    total, metrics = objective(inputs, objective_state)
+    total, metrics = objective(inputs, objective_state, term_params)
     if student_config.num_experts:
       metrics["loss/moe_aux"] = aux
     metrics["train/tokens"] = preference_step.completion_tokens(batch, inputs)
@@ -208,18 +237,18 @@ def make_train_step(*, student_config: models.ModelConfig,
   def step(state: TrainState, batch: Mapping[str, Any], rng: jax.Array,
            teacher_params: PyTree | None = None) -> tuple[TrainState, dict]:
     del rng  # The objectives here draw no randomness; the signature is the engine's contract.
+    trainable = (state.params, state.term_params)
     if grad_accum == 1:
-      (total, metrics), grads = grad_fn(state.params, batch, teacher_params,
-                                        state.objective_state)
+      (total, metrics), grads = grad_fn(trainable, batch, teacher_params, state.objective_state)
     else:
       micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum)
                                                + x.shape[1:]), batch)
 
       def body(carry, mb):
-        (t, m), g = grad_fn(state.params, mb, teacher_params, state.objective_state)
+        (t, m), g = grad_fn(trainable, mb, teacher_params, state.objective_state)
         return jax.tree.map(jnp.add, carry, (t, m, g)), None
 
-      zeros = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+      zeros = jax.eval_shape(lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro),
                                              teacher_params, state.objective_state))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       (total, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
@@ -228,11 +257,14 @@ def make_train_step(*, student_config: models.ModelConfig,
       total, grads = total / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
       metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
       metrics["train/tokens"] = tokens
+    grads, term_grads = grads
     grad_norm = optax.global_norm(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    term_updates, new_term_opt = optimizer.update(term_grads, state.term_opt_state,
+                                                  state.term_params)
     # A finite gradient can still give a non-finite update (e.g. a NaN learning rate): check it.
     finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
+              & jnp.isfinite(optax.global_norm((updates, term_updates))))
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
     new_obj = objective.update_state(state.objective_state, metrics, state.step)
@@ -240,13 +272,14 @@ def make_train_step(*, student_config: models.ModelConfig,
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state),
                            objective_state=keep(new_obj, state.objective_state),
-                           nan_streak=streak, skipped=state.skipped + (~finite).astype(jnp.int32))
+                           nan_streak=streak, skipped=state.skipped + (~finite).astype(jnp.int32),
+                           term_params=keep(optax.apply_updates(state.term_params, term_updates),
+                                            state.term_params),
+                           term_opt_state=keep(new_term_opt, state.term_opt_state))
     metrics.update({"train/grad_norm": grad_norm, "train/lr": schedule(state.step),
                     "train/skipped": new_state.skipped.astype(jnp.float32),
                     "train/finite": finite.astype(jnp.float32)})
-    for name, value in state.objective_state.items():
-      if hasattr(value, "t"):
-        metrics[f"{name}/t"] = value.t
+    metrics.update(objective.state_metrics(state.objective_state))
     return new_state, metrics
 
   return step
