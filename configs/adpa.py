@@ -88,7 +88,7 @@ def make_cpu_data(workdir, arg="cpu"):
   """
   from jkd.data import teacher_cache  # noqa: PLC0415
   from jkd.train import preference_step  # noqa: PLC0415
-  from jkd.train.data import synthetic_pair_examples  # noqa: PLC0415
+  from jkd.data import synthetic_pair_examples  # noqa: PLC0415
   c = get_config(arg)
   pairs = synthetic_pair_examples(int(c.data.num_examples), int(c.data.seq_len),
                                   _TINY["vocab_size"], seed=0)

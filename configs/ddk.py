@@ -4,7 +4,7 @@ The train batches mix one source per domain; after every evaluation the student'
 teacher's token-mean NLL on each domain's eval set give the gap ``max(l_S - l_T, 0)``, smoothed
 (``ddk.alpha``), and the domains are sampled in proportion to it (with a uniform ``ddk.floor``
 share); the weights are logged as ``ddk/weight/<domain>`` and checkpointed with the data state
-(``data.source="domains"``, :mod:`jkd.train.selection`). Default: SmolLM2-135M-Instruct teaching
+(``data.source="domains"``, :mod:`jkd.train.sources.ddk`). Default: SmolLM2-135M-Instruct teaching
 every 5th of its layers on JSONL files whose lines carry a ``domain`` field (``text``,
 ``prompt_completion`` or ``chat`` lines)::
 

@@ -3,7 +3,7 @@
 Every ``rounds.steps_per_round`` steps the current student samples ``rounds.n`` completions for
 each prompt (the shipped instructions, ``jkd/data/prompts``), the teacher ranks them by its mean
 log-likelihood, and the best and the worst of each prompt make a pair; DPO trains on the
-round's pairs with the frozen teacher as the reference (:mod:`jkd.train.rounds`,
+round's pairs with the frozen teacher as the reference (:mod:`jkd.train.sources.rounds`,
 ``data.source="rounds"``). Default: SmolLM2-135M-Instruct teaching every 5th of its layers::
 
   python -m jkd.train --config configs/distill_dpo.py --workdir /tmp/distill_dpo

@@ -41,7 +41,8 @@ def make_cpu_data(workdir, arg="cpu"):
     Config overrides (``{"data.path": ...}`` for ``cpu_cache``; ``{}`` for ``cpu``).
   """
   if arg == "cpu_cache":
-    return recipes.write_cpu_teacher_cache(get_config(arg), workdir)
+    from jkd.train import recipe_data  # pylint: disable=import-outside-toplevel
+    return recipe_data.write_cpu_teacher_cache(get_config(arg), workdir)
   return {}
 
 

@@ -2,7 +2,7 @@
 
 Every training document is scored by ``avg log p_teacher - avg log p_reference`` and the top
 ``data.select_fraction`` (0.5) are kept (``data.select="miniplm"``,
-:mod:`jkd.train.selection`); the student then distils the teacher (forward KL + a little CE) on
+:mod:`jkd.train.sources.miniplm`); the student then distils the teacher (forward KL + a little CE) on
 them. Default: SmolLM2-135M-Instruct teaching every 5th of its layers on an ``.npz`` of token
 arrays (``tokens``, ``labels``, optional ``loss_mask``, e.g. an exported corpus), with a small
 reference model of the same tokenizer (``hf:DIR``/``gguf:PATH``)::

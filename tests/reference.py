@@ -1,11 +1,11 @@
 """Float64 NumPy references for the tests of ``jkd.losses``.
 
-Written from the formulas of METHODS.md sections 1-4 (and the usual definitions of token
+Written from the formulas of docs/methods.md §1-§4 (and the usual definitions of token
 log-probabilities, cross-entropy and label smoothing), independently of the library's code: no
 JAX, no shared helpers, loops where that makes the definition plainer. Every function takes and
 returns float64 NumPy arrays; ``-inf`` logits (banned tokens) are handled with ``0 log 0 = 0``.
 
-Conventions (METHODS.md "Notation"): ``q = softmax(zs / T)`` is the student, ``p = softmax(zt /
+Conventions (docs/methods.md §0): ``q = softmax(zs / T)`` is the student, ``p = softmax(zt /
 T)`` the teacher; every token-level divergence is multiplied by ``T**2``.
 """
 
@@ -54,7 +54,7 @@ def _log(x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # Divergences between two distributions, given as log-probabilities over the last axis.
-# ``log_q`` is the student's, ``log_p`` the teacher's (METHODS.md section 1).
+# ``log_q`` is the student's, ``log_p`` the teacher's (docs/methods.md §1).
 # ----------------------------------------------------------------------------------------------
 
 def kl(log_a, log_b) -> np.ndarray:
@@ -193,7 +193,7 @@ def taid(log_q, log_p, *, t: float, target=None) -> np.ndarray:
 
 def taid_target_from_logits(student_logits, teacher_logits, *, t: float,
                             temperature: float = 1.0) -> np.ndarray:
-  """METHODS.md section 2: ``p_t = softmax(((1 - t) zs + t zt) / T)`` (log-probabilities)."""
+  """docs/methods.md §2.1: ``p_t = softmax(((1 - t) zs + t zt) / T)`` (log-probabilities)."""
   return log_softmax(_scaled(1.0 - t, student_logits) + _scaled(t, teacher_logits), temperature)
 
 
@@ -277,7 +277,7 @@ def frozen_options(name: str, student_logits, teacher_logits, *, temperature: fl
 
 
 # ----------------------------------------------------------------------------------------------
-# Sparse (top-k) teacher, METHODS.md section 3.
+# Sparse (top-k) teacher, docs/methods.md §3.
 # ----------------------------------------------------------------------------------------------
 
 def topk(teacher_logits, k: int):
@@ -389,7 +389,7 @@ def sequence_mean(values, where=None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# TAID schedule, METHODS.md section 2.
+# TAID schedule, docs/methods.md §2.2.
 # ----------------------------------------------------------------------------------------------
 
 def sigmoid(x: float) -> float:

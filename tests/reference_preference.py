@@ -1,6 +1,6 @@
 """Float64 NumPy references for the preference losses (jkd.losses.preference and .alignment).
 
-Written from METHODS.md section 6 and TRL's definitions of its DPO ``loss_type``s, independently
+Written from docs/methods.md §8-§10 and TRL's definitions of its DPO ``loss_type``s, independently
 of the library's code: no JAX, no imports from jkd, loops where that makes a definition plainer.
 Every function takes and returns float64 NumPy arrays.
 

@@ -21,7 +21,7 @@ from jkd import losses
 from jkd import models
 from jkd.train import loop, recipes, stages
 from jkd.train import step as step_lib
-from jkd.train.data import ArraySource, synthetic_lm_examples
+from jkd.data import ArraySource, synthetic_lm_examples
 from jkd.train.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import pytest
 
 from jkd import models
 from jkd.data import selection as sel
-from jkd.train.data import ArraySource
+from jkd.data import ArraySource
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
             num_kv_heads=2)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from jkd.data import store
-from jkd.train import stages
+from jkd.train import sources, stages
 from jkd.train.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +32,11 @@ def test_default_demo_config_is_the_smollm2_job():
 
 def test_split_prompts_holds_out_every_tenth_id():
   records = stages_records = [{"id": f"w{i:03d}"} for i in range(1, 31)]
-  train, held = stages.split_prompts(stages_records, 10)
+  train, held = sources.corpus.split_prompts(stages_records, 10)
   assert [r["id"] for r in held] == ["w010", "w020", "w030"]
   assert len(train) == 27 and len(records) == 30
   with pytest.raises(ValueError, match="holdout_every"):
-    stages.split_prompts(records, 1)
+    sources.corpus.split_prompts(records, 1)
 
 
 def test_tiny_demo_end_to_end_and_resume(tmp_path):

@@ -66,15 +66,18 @@ def _python_files(path: str):
     yield from (os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
 
 
-def imported_modules(paths, local=()) -> dict[str, list[str]]:
-  """Top-level third-party modules imported by the files under ``paths`` -> importing files."""
+def imported_modules(paths, local=(), *, module_level_only=False) -> dict[str, list[str]]:
+  """Top-level third-party modules imported by the files under ``paths`` -> importing files.
+
+  ``module_level_only``: only the imports at the top of each module, not inside functions.
+  """
   skip = set(sys.stdlib_module_names) | {"__future__", "jkd"} | set(local)
   found: dict[str, list[str]] = {}
   for path in paths:
     for file in _python_files(path):
       with open(file, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=file)
-      for node in ast.walk(tree):
+      for node in (tree.body if module_level_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
           names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -127,22 +130,8 @@ def test_core_imports_only_core_dependencies():
   assert undeclared(imported_modules(CORE_PATHS), groups["core"] | groups["train"]) == []
   # At module level the core imports core dependencies only; the train-extra ones it may use
   # (transformers for tokenizers) are imported inside the functions that need them.
-  top_level = {}
-  for path in CORE_PATHS:
-    for file in _python_files(path):
-      with open(file, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-      for node in tree.body:
-        if isinstance(node, ast.Import):
-          names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-          names = [node.module]
-        else:
-          continue
-        for name in names:
-          top_level.setdefault(name.split(".")[0], []).append(os.path.relpath(file, ROOT))
-  for module in ("__future__", "jkd", *sys.stdlib_module_names):
-    top_level.pop(module, None)
+  top_level = imported_modules(CORE_PATHS, module_level_only=True)
+  assert {"jax", "numpy", "flax"} <= set(top_level)
   assert undeclared(top_level, groups["core"]) == []
 
 

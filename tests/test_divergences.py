@@ -188,7 +188,7 @@ def test_hand_computed_values():
 
 
 # ----------------------------------------------------------------------------------------------
-# Adaptive KL: the head/tail split (METHODS.md section 1).
+# Adaptive KL: the head/tail split (docs/methods.md §1.7).
 # ----------------------------------------------------------------------------------------------
 
 def test_adaptive_kl_head_crossing_token_ties_and_order():

@@ -1,7 +1,7 @@
 """DCKD and ADPA terms in the train step, Distillation-DPO rounds, and their configs end to end.
 
 References: float64 NumPy log-softmax of each model's logits (each row run alone), top-k and
-tail mass written from the definitions, and the DCKD/ADPA formulas of METHODS.md section 6.
+tail mass written from the definitions, and the DCKD/ADPA formulas of docs/methods.md §10.1-§10.2.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from jkd import train
 from jkd.data.teacher_cache import char_tokenizer
 from jkd.train import loop
 from jkd.train import preference_step
-from jkd.train import rounds
-from jkd.train.data import synthetic_pair_examples
+from jkd.data import synthetic_pair_examples
+from jkd.train.sources import rounds
 from jkd.train.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,8 +155,8 @@ def round_source(**options):
 
 def test_rounds_remake_pairs_each_round_and_resume_exactly(nets):
   src = round_source()
-  src.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
-  src.set_policy(nets["student"])
+  src.bind_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+  src.before_batch(nets["student"])
   first = next(src)
   assert first["chosen_tokens"].shape == (4, 96)
   made = src._pairs
@@ -183,14 +183,14 @@ def test_rounds_remake_pairs_each_round_and_resume_exactly(nets):
   assert src._round == 1 and third["metric/rounds/round"][0] == 1
   lazy = round_source()
   lazy.set_state(boundary)
-  lazy.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
-  lazy.set_policy(nets["student"])
+  lazy.bind_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+  lazy.before_batch(nets["student"])
   again = next(lazy)
   for k in third:
     np.testing.assert_array_equal(again[k], third[k])
   with pytest.raises(ValueError, match="steps_per_round"):
     round_source(steps_per_round=3).set_state(boundary)
-  with pytest.raises(ValueError, match="set_models"):
+  with pytest.raises(ValueError, match="bind_models"):
     next(round_source())
 
 

@@ -1,8 +1,8 @@
-"""MiniPLM selection and DDK domain weights in the engine (jkd.train.selection), end to end.
+"""MiniPLM selection and DDK domain weights in the engine (jkd.train.sources.miniplm, jkd.train.sources.ddk), end to end.
 
 References: float64 NumPy log-softmax of each model's logits (each row run alone), MiniPLM's
 score ``avg log p_teacher - avg log p_reference`` and DDK's weights
-``(1 - f) s / sum(s) + f / N`` with ``s`` the smoothed gap, written from METHODS.md section 7.
+``(1 - f) s / sum(s) + f / N`` with ``s`` the smoothed gap, written from docs/methods.md §11.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 
 from jkd import models
 from jkd.train import loop
-from jkd.train import selection
-from jkd.train.data import ArraySource, synthetic_lm_examples
+from jkd.data import ArraySource, synthetic_lm_examples
+from jkd.train.sources import ddk, miniplm
 from jkd.train.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,9 +52,9 @@ def one_process(**kw):
 
 def test_miniplm_keeps_the_top_half_by_the_difference_score(nets):
   ex = synthetic_lm_examples(10, 8, CONFIG.vocab_size, seed=4)
-  src = selection.SelectedSource(ArraySource(ex, 2, seed=1, **one_process()),
+  src = miniplm.SelectedSource(ArraySource(ex, 2, seed=1, **one_process()),
                                  reference=(nets["ref"], CONFIG), fraction=0.5, batch_size=4)
-  src.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+  src.bind_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
   score = (np_token_logprobs(nets["teacher"], ex["tokens"], ex["labels"]).mean(1)
            - np_token_logprobs(nets["ref"], ex["tokens"], ex["labels"]).mean(1))
   want = np.sort(np.argsort(-score, kind="stable")[:5])
@@ -68,11 +68,11 @@ def test_miniplm_keeps_the_top_half_by_the_difference_score(nets):
   src.set_state(state)
   np.testing.assert_array_equal(next(src)["tokens"], second["tokens"])
   with pytest.raises(ValueError, match="select_reference"):
-    selection.SelectedSource(ArraySource(ex, 2, **one_process()), reference="")
+    miniplm.SelectedSource(ArraySource(ex, 2, **one_process()), reference="")
   with pytest.raises(ValueError, match="fewer than a batch"):
-    big = selection.SelectedSource(ArraySource(ex, 8, **one_process()),
+    big = miniplm.SelectedSource(ArraySource(ex, 8, **one_process()),
                                    reference=(nets["ref"], CONFIG), fraction=0.1)
-    big.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG,
+    big.bind_models(teacher_params=nets["teacher"], teacher_config=CONFIG,
                    student_config=CONFIG)
 
 
@@ -82,21 +82,20 @@ def ddk_source(n_domains=2, **kw):
                                 **one_process()) for i in range(n_domains)}
   evals = {f"d{i}": synthetic_lm_examples(3, 8, CONFIG.vocab_size, seed=100 + i)
            for i in range(n_domains)}
-  return selection.DDKSource(train, evals, batch_size=4, seed=5, alpha=0.5, floor=0.2,
+  return ddk.DDKSource(train, evals, batch_size=4, seed=5, alpha=0.5, floor=0.2,
                              **one_process(), **kw), evals
 
 
 def test_ddk_weights_follow_the_smoothed_gap_and_resume(nets):
   src, evals = ddk_source()
-  src.set_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
+  src.bind_models(teacher_params=nets["teacher"], teacher_config=CONFIG, student_config=CONFIG)
 
   def nll(params, ex):
     return -np_token_logprobs(params, ex["tokens"], ex["labels"]).mean()
 
   smoothed = None
   for student in (nets["student"], nets["ref"]):
-    src.set_policy(student)
-    got = src.report_eval({})
+    got = src.update_weights(student)
     gap = np.array([max(nll(student, evals[d]) - nll(nets["teacher"], evals[d]), 0.0)
                     for d in ("d0", "d1")])
     smoothed = gap if smoothed is None else 0.5 * smoothed + 0.5 * gap
@@ -114,8 +113,8 @@ def test_ddk_weights_follow_the_smoothed_gap_and_resume(nets):
     got_batch = next(fresh)
     for k in want_batch:
       np.testing.assert_array_equal(got_batch[k], want_batch[k])
-  with pytest.raises(ValueError, match="set_models"):
-    ddk_source()[0].report_eval({})
+  with pytest.raises(ValueError, match="bind_models"):
+    ddk_source()[0].update_weights(None)
 
 
 def test_split_by_domain_names_the_bad_line(tmp_path):
@@ -123,10 +122,10 @@ def test_split_by_domain_names_the_bad_line(tmp_path):
   path.write_text('{"text": "a", "domain": "x"}\n{"text": "b", "domain": "y"}\n'
                   '{"text": "c", "domain": "x"}\n{"text": "d"}\n')
   with pytest.raises(ValueError, match=r"mixed.jsonl:4: DDK needs a non-empty 'domain'"):
-    selection.split_by_domain([str(path)], str(tmp_path / "out"))
+    ddk.split_by_domain([str(path)], str(tmp_path / "out"))
   path.write_text('{"text": "a", "domain": "x"}\n{"text": "b", "domain": "y"}\n'
                   '{"text": "c", "domain": "x"}\n')
-  out = selection.split_by_domain([str(path)], str(tmp_path / "out"))
+  out = ddk.split_by_domain([str(path)], str(tmp_path / "out"))
   assert list(out) == ["x", "y"]
   assert [json.loads(l)["text"] for l in open(out["x"])] == ["a", "c"]
 

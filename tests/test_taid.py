@@ -1,4 +1,5 @@
-"""TAID's adaptive schedule (jkd.losses.taid) against a NumPy reimplementation of METHODS.md 2."""
+"""TAID's adaptive schedule (jkd.losses.taid) against a NumPy reimplementation of
+docs/methods.md §2.2."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""jkd.train.data: deterministic per-process batches, exact resume of the position."""
+"""jkd.data.ArraySource and jkd.train.sources: deterministic per-process batches, exact resume of the position."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jkd.train.data import ArraySource, make_sources, synthetic_lm_examples
+from jkd.data import ArraySource, synthetic_lm_examples
+from jkd.train.sources import make_sources
 
 
 def examples(n=10, t=3):

@@ -311,7 +311,8 @@ def test_corrupted_checkpoint_is_an_error_and_left_alone(reference, tmp_path, da
 NAN_DRIVER = """
 import importlib.util, sys
 import numpy as np
-from jkd.train import data, loop
+from jkd import data
+from jkd.train import loop
 spec = importlib.util.spec_from_file_location("kd_tiny", sys.argv[1])
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 cfg = module.get_config(); cfg.train.progress_bar = False

@@ -1,4 +1,4 @@
-"""On-policy distillation sources (jkd.train.onpolicy): GKD's coin, the student's samples written
+"""On-policy distillation sources (jkd.train.sources.onpolicy): GKD's coin, the student's samples written
 into the batch, DistiLLM's replay buffer and adaptive share, exact state round trips, and a GKD
 run through jkd.train.train that resumes from a checkpoint to identical metrics."""
 
@@ -16,6 +16,7 @@ import pytest
 from jkd import models
 from jkd import sampling
 from jkd import train
+from jkd.data import ArraySource
 from jkd.train import loop
 from jkd.train.writer import read_metrics
 
@@ -46,16 +47,16 @@ def examples(seed=0):
 
 
 def source(**options):
-  base = train.ArraySource(examples(), batch_size=B, seed=1)
+  base = ArraySource(examples(), batch_size=B, seed=1)
   return train.OnPolicySource(base, student_config=CONFIG, seed=7, eos_id=EOS,
                               max_new_tokens=10, **options)
 
 
 def test_lmbda_zero_gives_the_base_batches(params):
   src = source(lmbda=0.0)
-  base = train.ArraySource(examples(), batch_size=B, seed=1)
+  base = ArraySource(examples(), batch_size=B, seed=1)
   for _ in range(3):
-    src.set_policy(params)
+    src.before_batch(params)
     batch, want = next(src), next(base)
     for key in want:
       np.testing.assert_array_equal(batch[key], want[key])
@@ -65,9 +66,9 @@ def test_lmbda_zero_gives_the_base_batches(params):
 
 def test_lmbda_one_writes_the_students_samples(params):
   src = source(lmbda=1.0, temperature=0.9)
-  base = train.ArraySource(examples(), batch_size=B, seed=1)
+  base = ArraySource(examples(), batch_size=B, seed=1)
   for index in range(2):
-    src.set_policy(params)
+    src.before_batch(params)
     batch, original = next(src), next(base)
     prompts = []
     for row in range(B):  # The prompt: tokens up to the first loss position (by hand).
@@ -96,7 +97,7 @@ def test_gkd_coin_follows_lmbda_and_the_fraction_counts_batches(params):
   coins = [src.coin(i) for i in range(6)]
   served = []
   for i in range(6):
-    src.set_policy(params)
+    src.before_batch(params)
     batch = next(src)
     served.append(batch["metric/onpolicy/rows"].max())
     np.testing.assert_allclose(batch["metric/onpolicy/fraction"][0], np.mean(served))
@@ -104,7 +105,7 @@ def test_gkd_coin_follows_lmbda_and_the_fraction_counts_batches(params):
 
 
 def distillm(**options):
-  base = train.ArraySource(examples(), batch_size=B, seed=1)
+  base = ArraySource(examples(), batch_size=B, seed=1)
   return train.AdaptiveOffPolicySource(base, student_config=CONFIG, seed=3, eos_id=EOS,
                                        max_new_tokens=6, lmbda=0.5, buffer_size=5, p_step=0.5,
                                        **options)
@@ -113,18 +114,18 @@ def distillm(**options):
 def test_distillm_p_grows_when_the_validation_loss_stalls():
   src = distillm()
   for value, p in ((2.0, 0.0), (1.5, 0.0), (1.5, 0.5), (1.7, 1.0), (1.0, 1.0), (2.0, 1.0)):
-    src.report_eval({"eval/kl_forward": value})
+    src.after_eval({"eval/kl_forward": value}, None)
     assert src.p == p
   with pytest.raises(ValueError, match="onpolicy.metric 'eval/kl_forward' is not among"):
-    src.report_eval({"eval/student_nll": 1.0})
+    src.after_eval({"eval/student_nll": 1.0}, None)
 
 
 def test_distillm_state_round_trip_continues_exactly(params):
   src = distillm()
-  src.report_eval({"eval/kl_forward": 1.0})
-  src.report_eval({"eval/kl_forward": 1.0})  # No improvement: p = 0.5, 2 of the 4 rows.
+  src.after_eval({"eval/kl_forward": 1.0}, None)
+  src.after_eval({"eval/kl_forward": 1.0}, None)  # No improvement: p = 0.5, 2 of the 4 rows.
   for _ in range(4):
-    src.set_policy(params)
+    src.before_batch(params)
     batch = next(src)
     assert batch["metric/onpolicy/rows"].sum() == 2 and (batch["metric/onpolicy/p"] == 0.5).all()
   assert 2 <= len(src.buffer) <= 5
@@ -133,8 +134,8 @@ def test_distillm_state_round_trip_continues_exactly(params):
   resumed.set_state(state)
   replayed = 0
   for _ in range(5):
-    src.set_policy(params)
-    resumed.set_policy(params)
+    src.before_batch(params)
+    resumed.before_batch(params)
     a, b = next(src), next(resumed)
     assert sorted(a) == sorted(b)
     for key in a:
@@ -145,14 +146,14 @@ def test_distillm_state_round_trip_continues_exactly(params):
 
 
 def test_unsupported_batches_and_options_are_errors(params):
-  base = train.ArraySource(dict(examples(), positions=np.zeros((N, T), np.int32)), batch_size=B)
+  base = ArraySource(dict(examples(), positions=np.zeros((N, T), np.int32)), batch_size=B)
   src = train.OnPolicySource(base, student_config=CONFIG, lmbda=1.0)
   with pytest.raises(ValueError, match=r"also has \['positions'\]"):
     next(src)
   with pytest.raises(ValueError, match="lmbda must be a number in"):
     source(lmbda=1.5)
   src = source(lmbda=1.0)
-  with pytest.raises(ValueError, match="call set_policy"):
+  with pytest.raises(ValueError, match="call before_batch"):
     next(src)
 
 
@@ -204,8 +205,8 @@ def _run(cfg, workdir, stop_after=None):
 
 def test_gkd_run_resumes_to_identical_metrics(tmp_path, monkeypatch):
   reports = []
-  monkeypatch.setattr(train.OnPolicySource, "report_eval",
-                      lambda self, metrics: reports.append(dict(metrics)))
+  monkeypatch.setattr(train.OnPolicySource, "after_eval",
+                      lambda self, metrics, params: reports.append(dict(metrics)))
   cfg = _config()
   _run(cfg, tmp_path / "full")
   assert len(reports) == 2 and all("eval/kl_forward" in r for r in reports)  # Steps 2 and 4.

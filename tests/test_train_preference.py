@@ -19,6 +19,7 @@ import reference_preference as rp
 from jkd import losses
 from jkd import models
 from jkd import train
+from jkd.data import ArraySource
 from jkd.train import loop
 from jkd.train.writer import read_metrics
 
@@ -234,7 +235,7 @@ def test_dpo_through_the_engine(tmp_path, rng):
   cfg.optimizer.update(dict(lr=1e-2, warmup_steps=0, weight_decay=0.0))
   cfg.train.update(dict(steps=4, log_every=1, progress_bar=False, peak_tflops_per_device=1.0))
   cfg.eval.every, cfg.checkpoint.every, cfg.checkpoint.async_save = 0, 0, False
-  source = train.ArraySource(pair_batch(rng), batch_size=B, seed=0)  # The same B pairs.
+  source = ArraySource(pair_batch(rng), batch_size=B, seed=0)  # The same B pairs.
   out = loop.train(cfg, str(tmp_path), train_source=source)
   assert out["status"] == "done" and out["step"] == 4
   lines = [m for m in read_metrics(str(tmp_path)) if "loss/total" in m]

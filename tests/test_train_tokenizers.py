@@ -59,7 +59,8 @@ def test_uld_trains_a_student_with_another_vocabulary(tmp_path):
   """End to end: a cross-tokenized batch (teacher_tokens/teacher_index), the `uld` term, and a
   student whose vocabulary differs from the teacher's; evaluation keeps student metrics only."""
   from jkd.data import cross_tokenize_batch
-  from jkd.train import ArraySource, train
+  from jkd.data import ArraySource
+  from jkd.train import train
   from jkd.train.writer import read_metrics
   c = default_config()
   c.teacher.source = "random"

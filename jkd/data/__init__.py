@@ -22,6 +22,8 @@ from jkd.data.tokenize import (
     pad_example,
     tokenize_example,
 )
+from jkd.data.source import BatchSource, as_batch_source
+from jkd.data.arrays import ArraySource, synthetic_lm_examples, synthetic_pair_examples
 from jkd.data.pipeline import (
     DataPipeline,
     text_pipeline,

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jkd import runtime
 from jkd import sampling
 from jkd.data import store
 from jkd.data.teacher_cache import load_teacher, teacher_fingerprint
@@ -46,7 +47,8 @@ PyTree = Any
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 CORPUS_KIND = "teacher_corpus"
 _OPTIONS_FILE = "options.json"
-_DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "prompts", "instructions.jsonl")
+#: jkd's shipped instructions (320 prompts), the main job's default.
+SHIPPED_PROMPTS = os.path.join(os.path.dirname(__file__), "prompts", "instructions.jsonl")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> str:
   p.add_argument("--no_chat_template", action="store_true", help="feed the prompt text as is")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
-  prompts_path = args.prompts or _DEFAULT_PROMPTS
+  prompts_path = args.prompts or SHIPPED_PROMPTS
   if not os.path.exists(prompts_path):
     p.error(f"no prompt file at {prompts_path}; pass --prompts FILE.jsonl.")
   prompts = read_prompts(prompts_path)
@@ -417,6 +419,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from jkd import runtime  # noqa: PLC0415
   runtime.prepare_process()
   main()

@@ -147,6 +147,17 @@ def validate_line(record: Any, shape: str, where: str) -> dict[str, str]:
   return out
 
 
+def split_paths(value: str | Sequence[str]) -> list[str]:
+  """Paths of a config value: a list, or one string of comma-separated paths or globs.
+
+  >>> split_paths("a.jsonl, b/*.jsonl,"), split_paths(["c.jsonl"])
+  (['a.jsonl', 'b/*.jsonl'], ['c.jsonl'])
+  """
+  if isinstance(value, str):
+    return [p.strip() for p in value.split(",") if p.strip()]
+  return [str(v) for v in value]
+
+
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
   """Files of ``paths`` (a path, a glob, or a list of them), in order; an error if none."""
   if isinstance(paths, (str, os.PathLike)):

@@ -2,7 +2,7 @@
 
 :class:`DataPipeline` serves per-process numpy batches from a random-access source (a split of
 a TFDS ArrayRecord dataset, :func:`jkd.data.open_split`) with the interface of
-:class:`jkd.train.ArraySource`, so :func:`jkd.train.train` takes it as its ``train_source`` /
+:class:`jkd.data.BatchSource` (like :class:`jkd.data.ArraySource`), so :func:`jkd.train.train` takes it as its ``train_source`` /
 ``eval_source``:
 
 - the examples are shuffled per epoch (Grain's index shuffle from ``seed`` and the epoch) and
@@ -44,6 +44,7 @@ import numpy as np
 
 from jkd.data import store
 from jkd.data import tokenize as tok_lib
+from jkd.data.source import BatchSource
 
 Transform = Callable[[Mapping[str, Any]], "Mapping[str, np.ndarray] | None"]
 #: Casts applied when batching (compact storage dtypes -> compute dtypes).
@@ -164,7 +165,7 @@ def _gather_states(state: Any, process_count: int) -> list[Any]:
           for p in range(process_count)]
 
 
-class DataPipeline:
+class DataPipeline(BatchSource):
   """Per-process ``[batch_size / process_count, seq_len]`` batches of a random-access source.
 
   Args:
@@ -401,4 +402,4 @@ def text_pipeline(path: str, split: str, *, batch_size: int, seq_len: int, token
   return DataPipeline(source, batch_size=batch_size, seq_len=seq_len, transform=transform,
                       seed=seed, shuffle=shuffle, pack=pack, process_index=process_index,
                       process_count=process_count,
-                      name=f"{os.path.basename(os.path.dirname(store._find(path)))}:{split}")
+                      name=f"{os.path.basename(os.path.dirname(store.find_dataset(path)))}:{split}")

@@ -38,9 +38,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jkd import models
+from jkd import runtime
 from jkd.data import scoring
-from jkd.data.corpus import encode_prompt
 from jkd.data import store
+from jkd.data.corpus import encode_prompt
+from jkd.models import load_tokenizer
+from jkd.sampling import generate
 from jkd.data.scoring import (  # noqa: F401  (re-exported)
     IGNORE_INDEX,
     SCORERS,
@@ -256,7 +260,6 @@ def make_pairs(prompts: Sequence[Any], *, policy: tuple[Any, ModelConfig], token
     :class:`Pairs`: a list of ``{"prompt", "chosen", "rejected", "chosen_score",
     "rejected_score", "domain"}`` in prompt order, with ``.skipped`` prompt indices.
   """
-  from jkd.sampling import generate  # noqa: PLC0415
   params, config = policy
   if isinstance(n, bool) or not isinstance(n, int) or n < 2:
     raise ValueError(f"n must be an int >= 2 (samples per prompt), got {n!r}.")
@@ -531,7 +534,6 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 
 def load_model(spec: str):
   """``(config, params, tokenizer source)`` of ``smollm2``, ``gguf:PATH`` or ``hf:DIR``."""
-  from jkd import models  # noqa: PLC0415
   if spec == "smollm2":
     spec = "gguf:" + models.smollm2_gguf_path()
   kind, _, where = spec.partition(":")
@@ -569,7 +571,6 @@ def main(argv: Sequence[str] | None = None) -> int:
            "reward_fn": ("reward_fn", "--reward-fn module.path:function")}
   if args.scorer in needs and not getattr(args, needs[args.scorer][0]):
     parser.error(f"--scorer {args.scorer} needs {needs[args.scorer][1]}")
-  from jkd.models import load_tokenizer  # noqa: PLC0415
   prompts = read_prompts(args.prompts)
   config, params, source = load_model(args.policy)
   options: dict[str, Any] = {}
@@ -596,6 +597,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jkd import runtime  # noqa: PLC0415
   runtime.prepare_process()
   sys.exit(main())

@@ -313,7 +313,7 @@ class DomainMixture:
 
   The domains of global batch ``step`` are drawn from ``numpy.random.default_rng([seed,
   step])`` with the current weights; this process takes its rows of that draw (the same split
-  as :class:`jkd.train.data.ArraySource`) and fills them, in order, from each domain's
+  as :class:`jkd.data.ArraySource`) and fills them, in order, from each domain's
   sub-source (any object with ``__next__`` returning a per-process batch dict, ``get_state``,
   ``set_state``; e.g. one ``ArraySource`` per domain), buffering the unused rest of a
   sub-source's batch. :meth:`get_state` holds the step, the weights and, per domain, the
@@ -328,7 +328,7 @@ class DomainMixture:
     seed: seed of the domain draws.
     process_index, process_count: this process and the number of processes (default: JAX's).
 
-  >>> from jkd.train.data import ArraySource
+  >>> from jkd.data import ArraySource
   >>> src = {d: ArraySource({"tokens": np.full((4, 2), i)}, 2, process_index=0,
   ...                       process_count=1) for i, d in enumerate(["a", "b"])}
   >>> mix = DomainMixture(src, DomainWeights(["a", "b"], initial={"a": 1.0, "b": 0.0}), 4,

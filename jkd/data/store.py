@@ -125,7 +125,7 @@ def write_dataset(root: str, name: str, features: Mapping[str, Any],
   return builder.data_dir
 
 
-def _find(path: str) -> str:
+def find_dataset(path: str) -> str:
   """``path`` or, for a ``root/name`` directory, its newest version directory."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(os.path.join(path, "dataset_info.json")):
@@ -141,7 +141,7 @@ def _find(path: str) -> str:
 
 def open_split(path: str, split: str):
   """A random-access source (``len``, ``[i]`` -> dict of numpy values) of one split."""
-  path = _find(path)
+  path = find_dataset(path)
   builder = _tfds().builder_from_directory(path)
   if split not in builder.info.splits:
     raise ValueError(f"dataset {path!r} has no split {split!r}; it has"
@@ -151,5 +151,5 @@ def open_split(path: str, split: str):
 
 def read_metadata(path: str) -> dict[str, Any]:
   """The ``metadata`` given to :func:`write_dataset`."""
-  builder = _tfds().builder_from_directory(_find(path))
+  builder = _tfds().builder_from_directory(find_dataset(path))
   return dict(builder.info.metadata or {})

@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkd import models
+from jkd import runtime
 from jkd.data import store
+from jkd.data import tokenize
 
 PyTree = Any
 
@@ -456,7 +458,6 @@ def _npz_examples(path: str, seq_len: int | None) -> dict[str, np.ndarray]:
 def _dataset_examples(path: str, split: str, tokenizer, *, seq_len: int, vocab_size: int,
                       shape: str | None, chat_template: bool, counts) -> Iterator[dict]:
   """Tokenized, right-padded examples of a jkd text dataset (via :mod:`jkd.data.tokenize`)."""
-  from jkd.data import tokenize  # noqa: PLC0415
   shape = shape or store.read_metadata(path).get("shape")
   if shape not in ("text", "prompt_completion", "chat"):
     raise ValueError(f"dataset {path!r} has shape {shape!r}; a teacher cache is built from a"
@@ -526,6 +527,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from jkd import runtime  # noqa: PLC0415
   runtime.prepare_process()
   main()

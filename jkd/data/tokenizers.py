@@ -286,7 +286,7 @@ def cross_tokenize_batch(texts: Sequence[str | tuple[str, str]], teacher_tok, st
                          seq_len: int, **options: Any) -> dict[str, np.ndarray]:
   """:func:`cross_tokenize` of every text, stacked into ``[N, seq_len]`` arrays.
 
-  The result is a ``jkd.train.data.ArraySource`` example dict; the engine runs the teacher on
+  The result is a ``jkd.data.ArraySource`` example dict; the engine runs the teacher on
   ``teacher_tokens`` and the ``uld`` objective term reads ``teacher_index``.
   """
   if not texts:

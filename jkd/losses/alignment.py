@@ -241,8 +241,8 @@ def dckd_loss(chosen_logits: Array, chosen_labels: Array, chosen_teacher: Sparse
   Returns:
     ``[B]`` per-pair losses.
 
-  References: Zhang et al., *Direct Preference Knowledge Distillation / DCKD*, 2024
-  (METHODS.md section 6).
+  References: Gao et al., *Advantage-Guided Distillation for Preference Alignment in Small
+  Language Models* (DCKD and ADPA), ICLR 2025, arXiv:2502.17927 (docs/methods.md §10.1).
   """
   w = float(kd_weight)
 

@@ -244,7 +244,7 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
     ``(loss, per_token)``: the scalar weighted loss (differentiable in the student's hidden
     states and head, and in ``weights``), and the detached per-position values ``[...]``.
 
-  References: Liger-Kernel's fused linear JSD (chunked); METHODS.md section 4.
+  References: Liger-Kernel's fused linear JSD (chunked); docs/methods.md §4 (fused losses).
 
   >>> import jax, jax.numpy as jnp
   >>> h = jax.random.normal(jax.random.key(0), (6, 4)); w = jnp.ones((4, 10))

@@ -1,65 +1,51 @@
-"""jkd.train: sharding, the train state and step, checkpoints, and the training loop."""
+"""jkd.train: sharding, the train state and step, checkpoints, and the training loop.
 
-from jkd.train.sharding import (
-    DEFAULT_RULES,
-    MESH_AXES,
-    batch_sharding,
-    logical_to_spec,
-    make_mesh,
-    shardings_for,
-    state_shardings,
-)
-from jkd.train.step import (
-    METRIC_PREFIX,
-    TrainState,
-    batch_metrics,
-    batch_work,
-    check_teacher_free,
-    flops_per_token,
-    init_state,
-    make_optimizer,
-    make_train_step,
-    model_inputs,
-    step_flops,
-)
-from jkd.train.build import STUDENT_SOURCES, TEACHER_SOURCES
-from jkd.train.checkpoint import CheckpointError, Checkpointer, find_checkpoint, restore_params
-from jkd.train.config import default_config
-from jkd.train.data import (
-    DATA_SOURCES,
-    TOKENIZER_SOURCES,
-    ArraySource,
-    UnpairedSource,
-    make_sources,
-    synthetic_lm_examples,
-    synthetic_pair_examples,
-    tokenizer_for,
-)
-from jkd.train.evaluate import (
-    ECE_BINS,
-    METRIC_NAMES,
-    eval_metrics,
-    eval_sums,
-    evaluate_batches,
-    make_eval_step,
-)
-from jkd.train.preference_step import (
-    completion_tokens,
-    is_preference_batch,
-    mismatched_pairs,
-    preference_inputs,
-)
-from jkd.train.onpolicy import (
-    ONPOLICY_MODES,
-    AdaptiveOffPolicySource,
-    OnPolicySource,
-    ReplayBuffer,
-    wrap_source,
-)
-from jkd.train.loop import NonFiniteError, initialize_distributed, train
-from jkd.train.writer import MetricsWriter, read_metrics
-from jkd.train.monitor import Verdict, assess, assess_history, fit_power_law
-from jkd.train.report import summarize, write_report
-from jkd.train.rounds import RoundPairsSource
-from jkd.train.selection import DDKSource, SelectedSource
-from jkd.train.stages import run, split_prompts
+The public names below are imported from their modules on first use, so importing one module
+(``jkd.train.config`` from a config file, say) loads only what that module needs.
+"""
+
+import importlib
+
+#: Public name -> the module of ``jkd.train`` that defines it.
+_EXPORTS = {
+    "DEFAULT_RULES": "sharding", "MESH_AXES": "sharding", "batch_sharding": "sharding",
+    "logical_to_spec": "sharding", "make_mesh": "sharding", "shardings_for": "sharding",
+    "state_shardings": "sharding",
+    "METRIC_PREFIX": "step", "TrainState": "step", "batch_metrics": "step", "batch_work": "step",
+    "check_teacher_free": "step", "flops_per_token": "step", "init_state": "step",
+    "make_optimizer": "step", "make_train_step": "step", "model_inputs": "step",
+    "step_flops": "step",
+    "STUDENT_SOURCES": "build", "TEACHER_SOURCES": "build",
+    "CheckpointError": "checkpoint", "Checkpointer": "checkpoint",
+    "find_checkpoint": "checkpoint", "restore_params": "checkpoint",
+    "default_config": "config",
+    "DATA_SOURCES": "sources", "TOKENIZER_SOURCES": "build", "make_sources": "sources",
+    "UnpairedSource": "sources.pairs", "tokenizer_for": "build",
+    "ECE_BINS": "evaluate", "METRIC_NAMES": "evaluate", "eval_metrics": "evaluate",
+    "eval_sums": "evaluate", "evaluate_batches": "evaluate", "make_eval_step": "evaluate",
+    "completion_tokens": "preference_step", "is_preference_batch": "preference_step",
+    "mismatched_pairs": "preference_step", "preference_inputs": "preference_step",
+    "ONPOLICY_MODES": "sources.onpolicy", "AdaptiveOffPolicySource": "sources.onpolicy",
+    "OnPolicySource": "sources.onpolicy", "ReplayBuffer": "sources.onpolicy",
+    "wrap_source": "sources.onpolicy",
+    "NonFiniteError": "loop", "initialize_distributed": "loop", "train": "loop",
+    "MetricsWriter": "writer", "read_metrics": "writer",
+    "Verdict": "monitor", "assess": "monitor", "assess_history": "monitor",
+    "fit_power_law": "monitor",
+    "summarize": "report", "write_report": "report",
+    "RoundPairsSource": "sources.rounds",
+    "DDKSource": "sources.ddk", "SelectedSource": "sources.miniplm",
+    "run": "stages", "split_prompts": "sources.corpus",
+}
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"jkd.train.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'jkd.train' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -21,6 +21,8 @@ from jax.sharding import Mesh
 
 from jkd import losses
 from jkd import models
+from jkd.data import teacher_cache
+from jkd.data import tokenizers
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import sharding
 from jkd.train.step import TrainState, init_state, init_term_params
@@ -68,15 +70,13 @@ class TeacherSpec(NamedTuple):
 
 
 def _gguf(path: str) -> TeacherSpec:
-  from jkd.models import gguf_io  # noqa: PLC0415  (needs the optional gguf package)
-  config, params = gguf_io.load_gguf(path)
+  config, params = models.load_gguf(path)
   return TeacherSpec(config, lambda shardings: _reshard(params, shardings))
 
 
 def _smollm2(cfg) -> TeacherSpec:
   del cfg
-  from jkd.models import gguf_io  # noqa: PLC0415
-  return _gguf(gguf_io.smollm2_gguf_path())
+  return _gguf(models.smollm2_gguf_path())
 
 
 def _hf(cfg) -> TeacherSpec:
@@ -288,6 +288,40 @@ def model_record(config: models.ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Tokenizers.
 
+def _no_tokenizer(cfg):
+  raise ValueError("a text dataset needs a teacher with a tokenizer: teacher.source 'random'"
+                   " has none; use teacher.source smollm2, gguf or hf, or tokenized data"
+                   " (data.shape='tokenized', data.source='npz' or 'synthetic').")
+
+
+#: ``teacher.source`` -> ``cfg -> tokenizer`` (the teacher's; :func:`jkd.models.load_tokenizer`
+#: reads a GGUF file or a Hugging Face directory).
+TOKENIZER_SOURCES: dict[str, Callable[[Any], Any]] = {
+    "smollm2": lambda cfg: models.load_tokenizer(models.smollm2_gguf_path()),
+    "gguf": lambda cfg: models.load_tokenizer(os.path.expanduser(cfg.teacher.path)),
+    "hf": lambda cfg: models.load_tokenizer(os.path.expanduser(cfg.teacher.path)),
+    "random": _no_tokenizer,
+}
+
+
+def tokenizer_for(cfg):
+  """The teacher's ``transformers`` tokenizer (``teacher.source`` smollm2, gguf or hf; or a
+  character-level one of ``teacher.model.vocab_size`` ids when ``teacher.tokenizer='char'``).
+
+  Raises:
+    ValueError: a ``random`` teacher (no tokenizer) or an unknown source.
+  """
+  if cfg.teacher.get("tokenizer") == "char":
+    return teacher_cache.char_tokenizer(int(cfg.teacher.model.vocab_size))
+  if cfg.teacher.get("tokenizer"):
+    raise ValueError(f"unknown teacher.tokenizer {cfg.teacher.tokenizer!r}; use '' (the"
+                     " teacher's own) or 'char'.")
+  if cfg.teacher.source not in TOKENIZER_SOURCES:
+    raise ValueError(f"unknown teacher.source {cfg.teacher.source!r}; choose one of"
+                     f" {sorted(TOKENIZER_SOURCES)}.")
+  return TOKENIZER_SOURCES[cfg.teacher.source](cfg)
+
+
 #: Objective terms that compare teacher and student without a shared vocabulary.
 CROSS_TOKENIZER_TERMS = frozenset({"uld"})
 
@@ -321,12 +355,9 @@ def check_tokenizers(cfg, objective: losses.Objective, teacher_config: models.Mo
   if source is not STUDENT_SOURCES["hf"] or not any(
       os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
     return
-  from jkd.data.tokenizers import check_same_tokenizer  # noqa: PLC0415
-  from jkd.train.data import tokenizer_for  # noqa: PLC0415
-  from transformers import AutoTokenizer  # noqa: PLC0415
   try:
     teacher_tok = tokenizer_for(cfg)
   except ValueError:  # A random teacher has no tokenizer to compare.
     return
-  check_same_tokenizer(teacher_tok, AutoTokenizer.from_pretrained(path),
-                       cross_tokenizer_objective=cross)
+  tokenizers.check_same_tokenizer(teacher_tok, models.load_tokenizer(path),
+                                  cross_tokenizer_objective=cross)

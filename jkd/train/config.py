@@ -46,7 +46,7 @@ Keys:
                            keyed by a hash of their contents; see :mod:`jkd.data.jsonl`) or
                            ``tfds`` (``path`` of a TFDS dataset directory, or ``name`` under
                            ``data_dir``; ``split``, ``eval_split``). ``jsonl``/``tfds`` are
-                           tokenised with the teacher's tokenizer (:func:`jkd.train.tokenizer_for`;
+                           tokenised with the teacher's tokenizer (:func:`jkd.train.build.tokenizer_for`;
                            not a ``random`` teacher) by :class:`jkd.data.DataPipeline`.
                            Preference pairs: ``preference`` (``path``: JSONL files of
                            ``{"prompt", "chosen", "rejected"}`` text, built like ``jsonl``, or a
@@ -92,7 +92,7 @@ Keys:
                            a share ``p`` of each batch's rows are student samples, replayed
                            from a buffer of ``buffer_size`` or, with probability ``lmbda``,
                            fresh; ``p`` grows by ``p_step`` when ``metric`` does not improve
-                           between evaluations); see :mod:`jkd.train.onpolicy`
+                           between evaluations); see :mod:`jkd.train.sources.onpolicy`
 ``onpolicy.*``             sampling: ``temperature``, ``top_p``, ``max_new_tokens``,
                            ``eos_id`` (-1: none), ``pad_id``
 ``data.select``            ``""`` (all training examples) or ``miniplm`` (MiniPLM difference
@@ -100,11 +100,11 @@ Keys:
                            highest ``avg log p_teacher - avg log p_reference``, the reference a
                            small model of the same tokenizer, ``select_reference``: ``smollm2``,
                            ``gguf:PATH``, ``hf:DIR`` or ``random:{json}``; in-memory data only:
-                           ``synthetic``/``npz``; see :mod:`jkd.train.selection`)
+                           ``synthetic``/``npz``; see :mod:`jkd.train.sources.miniplm`)
 ``data.source=pairs``      tokenized pairs from an ``.npz`` (``path``), with any extra per-pair
                            arrays such as the teacher targets of
                            :func:`jkd.train.preference_step.pair_teacher_targets` (ADPA)
-``data.source=rounds``     Distillation-DPO (:mod:`jkd.train.rounds`): every
+``data.source=rounds``     Distillation-DPO (:mod:`jkd.train.sources.rounds`): every
                            ``rounds.steps_per_round`` steps the student samples ``rounds.n``
                            completions (``max_new_tokens``, ``temperature``, ``top_p``; sampled
                            ``generate_batch_size`` at a time) for each prompt of ``rounds.prompts``
@@ -112,7 +112,7 @@ Keys:
                            0: all), the teacher ranks them by mean log-likelihood, and the
                            round's batches are its best/worst pairs (``data.seq_len``,
                            ``data.batch_size``, ``data.chat_template``); no eval source
-``data.source=domains``    DDK (:mod:`jkd.train.selection`): a mixture of per-domain sources
+``data.source=domains``    DDK (:mod:`jkd.train.sources.ddk`): a mixture of per-domain sources
                            whose weights follow the smoothed per-domain student-teacher eval
                            NLL gap (``ddk.alpha`` smoothing, ``ddk.floor`` uniform share),
                            updated at every evaluation and logged as ``ddk/weight/<domain>``.

@@ -30,14 +30,13 @@ import jax
 import numpy as np
 
 from jkd import losses
+from jkd.data.source import as_batch_source
 from jkd.train import build
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import evaluate as eval_lib
 from jkd.train import monitor as monitor_lib
-from jkd.train import onpolicy
 from jkd.train import sharding
-from jkd.train import selection as train_selection
-from jkd.train.data import make_sources
+from jkd.train import sources
 from jkd.train.step import batch_work, check_teacher_free, make_optimizer, make_train_step
 from jkd.train.writer import MetricsWriter, read_metrics
 
@@ -298,11 +297,10 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     workdir: the run's directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
       ``config.json``. A workdir with checkpoints resumes from the newest.
     train_source: replaces the config's data: an iterator of per-process ``{name: [b, T]}``
-      numpy batches with ``get_state()``/``set_state()`` (e.g. an :class:`ArraySource`;
-      preference batches work too). With ``onpolicy.mode`` set it is wrapped in the mode's
-      source (:mod:`jkd.train.onpolicy`). A source with ``set_policy(params)`` gets the current
-      student before each batch; one with ``report_eval(metrics)`` the eval metrics after each
-      evaluation.
+      numpy batches: a :class:`jkd.data.BatchSource` (e.g. an :class:`jkd.data.ArraySource`;
+      preference batches work too), whose hooks the loop calls, or any iterator with
+      ``get_state()``/``set_state()``. With ``onpolicy.mode`` set it is wrapped in the mode's
+      source (:mod:`jkd.train.sources.onpolicy`).
     teacher: the config's teacher already built on this mesh (``build.build_teacher`` of
       ``build.teacher_spec(config)``, as :mod:`jkd.train.stages` has it), so that its weights
       are not read again; None: built here when needed.
@@ -349,11 +347,12 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   abstract_state, state_sh = build.state_shardings(student_cfg, optimizer, objective, mesh,
                                                    rules, jax.eval_shape(make_term_params))
   if train_source is None:
-    train_source, config_eval = make_sources(cfg, teacher_spec.config.vocab_size)
-    train_source = train_selection.select_source(cfg, train_source)  # data.select (MiniPLM)
+    train_source, config_eval = sources.make_sources(cfg, teacher_spec.config.vocab_size)
+    train_source = sources.miniplm.select_source(cfg, train_source)  # data.select
     eval_source = eval_source if eval_source is not None else config_eval
+  train_source = as_batch_source(train_source)
   if "onpolicy" in cfg:
-    train_source = onpolicy.wrap_source(cfg, train_source, student_cfg)
+    train_source = sources.onpolicy.wrap_source(cfg, train_source, student_cfg)
 
   with contextlib.ExitStack() as cleanup:
     ck = cfg.checkpoint
@@ -370,9 +369,9 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     if online or (restored is None and _student_needs_teacher(cfg)):
       teacher = built if built is not None else build.build_teacher(
           teacher_spec, mesh, rules, jax.random.fold_in(key, 0))
-    if teacher is not None and hasattr(train_source, "set_models"):  # Recipe sources score
-      train_source.set_models(teacher_params=teacher.params, teacher_config=teacher.config,
-                              student_config=student_cfg)  # with the teacher (rounds, DDK).
+    if teacher is not None:  # Sources that score with the teacher (rounds, MiniPLM, DDK).
+      train_source.bind_models(teacher_params=teacher.params, teacher_config=teacher.config,
+                               student_config=student_cfg)
     if restored is not None:
       start, state, data_state, _ = restored
       train_source.set_state(data_state)
@@ -443,8 +442,7 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       if preemption(step):
         status = "preempted"
         break
-      if hasattr(train_source, "set_policy"):  # On-policy sources sample from the student.
-        train_source.set_policy(state.params)
+      train_source.before_batch(state.params)  # On-policy sources sample from the student.
       batch = next(train_source)
       if compiled is None:  # On the first batch: its arrays decide the shardings.
         if not online:
@@ -471,10 +469,7 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
         if eval_metrics is not None:
           writer.write(step, eval_metrics)
           hacking.update(step, eval_metrics)
-          if hasattr(train_source, "report_eval"):  # E.g. DistiLLM's adaptive schedule.
-            if hasattr(train_source, "set_policy"):  # E.g. DDK's per-domain student NLL.
-              train_source.set_policy(state.params)
-            train_source.report_eval(eval_metrics)
+          train_source.after_eval(eval_metrics, state.params)  # DistiLLM's schedule, DDK.
       if do_save:
         save(step, eval_metrics)
       if do_eval or do_save:

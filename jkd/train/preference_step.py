@@ -41,6 +41,7 @@ import numpy as np
 
 from jkd import losses
 from jkd import models
+from jkd.data import teacher_cache
 from jkd.losses import preference_terms
 
 PyTree = Any
@@ -280,7 +281,6 @@ def _sparse_pair_inputs(batch, s, t, labels, b: int, *, k: int, fused: bool) -> 
 def topk_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(ids, log-probs, log tail mass)`` of the top ``k`` of ``logits`` (gradient stopped); see
   :func:`jkd.data.teacher_cache.topk_logprobs`."""
-  from jkd.data import teacher_cache  # noqa: PLC0415
   if not 1 <= k <= logits.shape[-1]:
     raise ValueError(f"k={k} teacher ids per position, but the vocabulary has"
                      f" {logits.shape[-1]}: use 1 <= k <= vocab.")

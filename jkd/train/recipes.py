@@ -3,15 +3,15 @@
 Every recipe in ``configs/`` has a ``cpu`` variant that CI runs end to end in seconds: a random
 4-layer teacher of vocabulary 128 and width 32 (:func:`cpu_variant`), short synthetic sequences
 and a few steps. Variants that read data from disk (an offline teacher cache) get it from
-:func:`write_cpu_teacher_cache`, called by the config module's ``make_cpu_data(workdir, arg)``.
+:func:`jkd.train.recipe_data.write_cpu_teacher_cache`, called by the config module's
+``make_cpu_data(workdir, arg)``. This module imports no engine code: config files import it.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import jax
+from jkd.train.config import default_config
 
 #: The random teacher of the CPU variants (``teacher.model`` fields).
 CPU_TEACHER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -59,7 +59,6 @@ def smollm2_config(objective: dict[str, Any]):
   """The base of the SmolLM2 recipes: SmolLM2-135M-Instruct teaching every 5th of its layers
   with ``objective`` on a teacher-written corpus (200 steps of 8 x 160 tokens, evaluation and
   checkpoints every 50). Recipes start from it and change what differs."""
-  from jkd.train.config import default_config  # noqa: PLC0415
   c = default_config()
   c.teacher.source = "smollm2"
   c.student.source = "layers"
@@ -99,43 +98,6 @@ def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None
                        seq_len=c.data.seq_len if variant == "cpu_cache" else 256))
     c.eval.at_start = False
   return c
-
-
-def write_cpu_teacher_cache(c, workdir: str, *, k: int = 16, num_examples: int = 16,
-                            name: str = "teacher_cache") -> dict[str, Any]:
-  """An offline top-``k`` cache of a CPU variant's random teacher over synthetic sequences.
-
-  The teacher is the one training builds from ``c`` (same seed, same parameters), so the cache
-  holds what ``teacher.online=True`` computes in the step. An existing cache is reused.
-
-  Args:
-    c: the CPU variant's config (``teacher.source="random"``).
-    workdir: the TFDS root the cache is written under (``workdir/name/1.0.0``).
-    k: top-k ids per position.
-    num_examples: cached sequences of ``c.data.seq_len`` tokens.
-    name: the dataset name.
-
-  Returns:
-    Config overrides that train on it: ``{"data.path": <dataset directory>}``.
-  """
-  from jkd.data import teacher_cache  # noqa: PLC0415
-  from jkd.train import build, data, sharding  # noqa: PLC0415
-  if c.teacher.source != "random":
-    raise ValueError(f"write_cpu_teacher_cache() caches a random CPU teacher; teacher.source is"
-                     f" {c.teacher.source!r} (use `python -m jkd.data.teacher_cache` for it).")
-  path = os.path.join(os.path.expanduser(workdir), name, "1.0.0")
-  if os.path.exists(os.path.join(path, "dataset_info.json")):
-    return {"data.path": path}
-  spec = build.teacher_spec(c)
-  mesh = sharding.make_mesh(tuple(c.mesh.shape))
-  teacher = build.build_teacher(spec, mesh, sharding.DEFAULT_RULES,
-                                jax.random.fold_in(jax.random.key(int(c.seed)), 0))
-  examples = data.synthetic_lm_examples(num_examples, int(c.data.seq_len),
-                                        spec.config.vocab_size, seed=int(c.data.seed))
-  path = teacher_cache.write_teacher_cache(examples, workdir, params=teacher.params,
-                                           config=spec.config, k=k, name=name,
-                                           teacher="random (cpu variant)", progress=False)
-  return {"data.path": path}
 
 
 def apply_overrides(c, overrides: dict[str, Any]):

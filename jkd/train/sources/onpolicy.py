@@ -3,7 +3,8 @@
 Both wrap any batch source (``__next__``, ``get_state``/``set_state``) of language-model batches
 (``tokens``, ``labels``, optionally ``loss_mask`` and ``attention_mask``, all ``[B, T]``) and are
 driven by :func:`jkd.train.train`, which gives them the current student before each batch
-(``set_policy(params)``) and the eval metrics after each evaluation (``report_eval(metrics)``).
+(``before_batch(params)``) and the eval metrics after each evaluation
+(``after_eval(metrics, params)``; :class:`jkd.data.BatchSource`).
 The teacher then scores whatever completions the batch holds inside the step, with the
 configured divergence, as for any batch.
 
@@ -45,6 +46,7 @@ import numpy as np
 
 from jkd import models
 from jkd import sampling
+from jkd.data.source import BatchSource, as_batch_source
 from jkd.losses import IGNORE_INDEX
 
 PyTree = Any
@@ -113,7 +115,7 @@ def write_sample(batch: dict[str, np.ndarray], row: int, prompt: list[int],
     batch["attention_mask"][row] = np.arange(t) < n + fit
 
 
-class OnPolicySource:
+class OnPolicySource(BatchSource):
   """GKD's batch source: with probability ``lmbda`` a batch's completions are the student's.
 
   Args:
@@ -126,14 +128,15 @@ class OnPolicySource:
     eos_id: the student stops after this token (None: after ``max_new_tokens``).
     pad_id: token written after a sample.
 
-  Call :meth:`set_policy` with the current student parameters before each ``next()``
+  Call :meth:`before_batch` with the current student parameters before each ``next()``
   (:func:`jkd.train.train` does).
   """
 
   def __init__(self, source, *, student_config: models.ModelConfig, seed: int = 0,
                lmbda: float = 0.5, temperature: float = 0.9, max_new_tokens: int = 128,
                top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
-    self.source, self.student_config, self.seed = source, student_config, int(seed)
+    self.source = as_batch_source(source)
+    self.student_config, self.seed = student_config, int(seed)
     self.lmbda = _number("lmbda", lmbda, 0.0, 1.0)
     self.temperature = _number("temperature", temperature, 0.0, float("inf"), low_open=True)
     self.top_p = _number("top_p", top_p, 0.0, 1.0, low_open=True)
@@ -149,13 +152,17 @@ class OnPolicySource:
 
   # The engine's hooks. -------------------------------------------------------------------------
 
-  def set_policy(self, params: PyTree) -> None:
+  def bind_models(self, **models_) -> None:
+    self.source.bind_models(**models_)
+
+  def before_batch(self, params: PyTree) -> None:
     """The student parameters the next batch samples from (any sharding)."""
     self._params = params
+    self.source.before_batch(params)
 
-  def report_eval(self, metrics: Mapping[str, float]) -> None:
-    """Eval metrics after an evaluation (GKD ignores them)."""
-    del metrics
+  def after_eval(self, metrics: Mapping[str, float], params: PyTree) -> None:
+    """Eval metrics after an evaluation (GKD ignores them; the wrapped source gets them)."""
+    self.source.after_eval(metrics, params)
 
   # Randomness. ---------------------------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class OnPolicySource:
              ) -> tuple[np.ndarray, np.ndarray]:
     """The student's samples ``([n, max_new] tokens, [n] lengths)`` for ``prompts``."""
     if self._params is None:
-      raise ValueError("an on-policy batch needs the student: call set_policy(params) before"
+      raise ValueError("an on-policy batch needs the student: call before_batch(params) before"
                        " next() (jkd.train.train does).")
     out = sampling.generate(self._params, prompts, config=self.student_config,
                             key=self.sample_key(index),
@@ -206,9 +213,6 @@ class OnPolicySource:
     flag[rows] = 1.0
     batch[_METRIC + "rows"] = flag
     batch[_METRIC + "fraction"] = np.full(b, self._with_samples / self._index, np.float32)
-
-  def __iter__(self) -> "OnPolicySource":
-    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     base = next(self.source)
@@ -316,8 +320,9 @@ class AdaptiveOffPolicySource(OnPolicySource):
     self.p = 0.0
     self._last: float | None = None
 
-  def report_eval(self, metrics: Mapping[str, float]) -> None:
+  def after_eval(self, metrics: Mapping[str, float], params: PyTree) -> None:
     """Grows ``p`` by ``p_step`` when ``metric`` did not improve on the previous evaluation."""
+    super().after_eval(metrics, params)
     if self.metric not in metrics:
       raise ValueError(f"onpolicy.metric {self.metric!r} is not among the eval metrics"
                        f" {sorted(metrics)}.")
@@ -364,20 +369,20 @@ class AdaptiveOffPolicySource(OnPolicySource):
     self.buffer.set_state(state["buffer"])
 
 
-def _gkd(cfg, source, student_config):
+def _sampling_options(cfg, student_config) -> dict[str, Any]:
   o = cfg.onpolicy
-  return OnPolicySource(source, student_config=student_config, seed=int(cfg.seed),
-                        lmbda=o.lmbda, temperature=o.temperature,
-                        max_new_tokens=int(o.max_new_tokens), top_p=o.top_p,
-                        eos_id=int(o.eos_id), pad_id=int(o.pad_id))
+  return dict(student_config=student_config, seed=int(cfg.seed), lmbda=o.lmbda,
+              temperature=o.temperature, max_new_tokens=int(o.max_new_tokens), top_p=o.top_p,
+              eos_id=int(o.eos_id), pad_id=int(o.pad_id))
+
+
+def _gkd(cfg, source, student_config):
+  return OnPolicySource(source, **_sampling_options(cfg, student_config))
 
 
 def _distillm(cfg, source, student_config):
   o = cfg.onpolicy
-  return AdaptiveOffPolicySource(source, student_config=student_config, seed=int(cfg.seed),
-                                 lmbda=o.lmbda, temperature=o.temperature,
-                                 max_new_tokens=int(o.max_new_tokens), top_p=o.top_p,
-                                 eos_id=int(o.eos_id), pad_id=int(o.pad_id),
+  return AdaptiveOffPolicySource(source, **_sampling_options(cfg, student_config),
                                  buffer_size=int(o.buffer_size), p_step=o.p_step,
                                  metric=o.metric)
 

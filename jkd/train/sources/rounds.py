@@ -3,7 +3,7 @@
 - ``data.source = "pairs"`` (:func:`pair_sources`): tokenized pairs from an ``.npz`` file
   (``chosen_tokens``, ``chosen_labels``, ``rejected_tokens``, ``rejected_labels`` ``[N, T]`` and
   optionally the teacher's top-k fields of :func:`jkd.train.preference_step.pair_teacher_targets`,
-  which ADPA needs), served by an :class:`jkd.train.data.ArraySource`; no evaluation set (the
+  which ADPA needs), served by an :class:`jkd.data.ArraySource`; no evaluation set (the
   engine evaluates language-model batches). Text pairs: ``data.source = "preference"``.
 - ``data.source = "rounds"`` (:class:`RoundPairsSource`): Distillation-DPO. Every
   ``rounds.steps_per_round`` steps the current student samples ``rounds.n`` completions per
@@ -11,9 +11,9 @@
   (:func:`jkd.data.preference.make_pairs`, scorer ``teacher_logprob``, ``round_index`` = the
   round), and the round's batches are drawn from those pairs.
 
-The engine (:func:`jkd.train.train`) gives a source with ``set_models`` the teacher and the
-student's config once the teacher is built, and ``set_policy(params)`` the current student
-before each batch.
+The engine (:func:`jkd.train.train`) gives the source the teacher and the student's config once
+the teacher is built (:meth:`~jkd.data.BatchSource.bind_models`), and the current student
+before each batch (:meth:`~jkd.data.BatchSource.before_batch`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import jax
 import numpy as np
 
 from jkd import models
-from jkd.train.data import ArraySource
+from jkd.data import corpus
+from jkd.data import preference
+from jkd.data.arrays import ArraySource
+from jkd.data.source import BatchSource
 
 PyTree = Any
 _PAIR_FIELDS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels")
@@ -81,12 +84,12 @@ def pair_sources(cfg, vocab: int, tokenizer=None) -> tuple[ArraySource, None]:
 # ---------------------------------------------------------------------------------------------
 # Distillation-DPO rounds.
 
-class RoundPairsSource:
+class RoundPairsSource(BatchSource):
   """Distillation-DPO's batch source: pairs re-made from the student's samples every round.
 
   Round ``r`` covers steps ``[r K, (r + 1) K)`` (``K = steps_per_round``). At its first batch
   the source calls :func:`jkd.data.preference.make_pairs` with the student given by the last
-  :meth:`set_policy` (``n`` samples per prompt, ``seed``, ``round_index = r``), ranks them with
+  :meth:`before_batch` (``n`` samples per prompt, ``seed``, ``round_index = r``), ranks them with
   the teacher's mean log-likelihood (scorer ``teacher_logprob``), and tokenizes the pairs
   (:func:`jkd.data.preference.tokenize_preference`; pairs that do not fit are dropped). Batch
   ``i`` of the round draws its rows from ``numpy.random.default_rng([seed, r, i])`` (with
@@ -145,13 +148,13 @@ class RoundPairsSource:
 
   # The engine's hooks. -------------------------------------------------------------------------
 
-  def set_models(self, *, teacher_params: PyTree, teacher_config: models.ModelConfig,
+  def bind_models(self, *, teacher_params: PyTree, teacher_config: models.ModelConfig,
                  student_config: models.ModelConfig) -> None:
     """The teacher (the scorer) and the student's config (to sample from it)."""
     self._teacher = (teacher_params, teacher_config)
     self._student_config = student_config
 
-  def set_policy(self, params: PyTree) -> None:
+  def before_batch(self, params: PyTree) -> None:
     """The student parameters the next round samples from."""
     self._params = params
 
@@ -164,13 +167,12 @@ class RoundPairsSource:
 
   def make_round(self, round_index: int) -> list[dict[str, Any]]:
     """The pairs of round ``round_index`` from the current student (text, ranked)."""
-    from jkd.data import preference  # noqa: PLC0415
     if self._teacher is None or self._student_config is None:
-      raise ValueError("a Distillation-DPO round needs the teacher: call set_models(...) first"
+      raise ValueError("a Distillation-DPO round needs the teacher: call bind_models(...) first"
                        " (jkd.train.train does).")
     if self._params is None:
       raise ValueError("a Distillation-DPO round samples from the student: call"
-                       " set_policy(params) before next() (jkd.train.train does).")
+                       " before_batch(params) before next() (jkd.train.train does).")
     s = self.sampling
     teacher_params, teacher_config = self._teacher
     pairs = preference.make_pairs(
@@ -184,7 +186,6 @@ class RoundPairsSource:
     return [dict(p) for p in pairs]
 
   def _use(self, round_index: int, pairs: list[dict[str, Any]]) -> None:
-    from jkd.data import preference  # noqa: PLC0415
     rows = []
     for p in pairs:
       try:
@@ -213,9 +214,6 @@ class RoundPairsSource:
     batch[_METRIC + "round"] = np.full(local, round_index, np.float32)
     batch[_METRIC + "pairs"] = np.full(local, count, np.float32)
     return batch
-
-  def __iter__(self) -> "RoundPairsSource":
-    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     r = self.round
@@ -251,18 +249,14 @@ class RoundPairsSource:
       self._use(int(state["round"]), list(state["pairs"]))
 
 
-def round_sources(cfg, vocab: int, tokenizer=None) -> tuple[RoundPairsSource, None]:
+def round_sources(cfg, vocab: int, tokenizer) -> tuple[RoundPairsSource, None]:
   """``data.source='rounds'``: ``(RoundPairsSource of the rounds.* settings, None)``."""
   del vocab
-  from jkd.data import corpus  # noqa: PLC0415
-  from jkd.train import stages  # noqa: PLC0415
-  from jkd.train.data import tokenizer_for  # noqa: PLC0415
   r = cfg.rounds
-  path = os.path.expanduser(r.prompts) if r.prompts else stages.SHIPPED_PROMPTS
+  path = os.path.expanduser(r.prompts) if r.prompts else corpus.SHIPPED_PROMPTS
   prompts = corpus.read_prompts(path)
   if int(r.limit) > 0:
     prompts = prompts[:int(r.limit)]
-  tokenizer = tokenizer if tokenizer is not None else tokenizer_for(cfg)
   source = RoundPairsSource(
       prompts, tokenizer=tokenizer, seq_len=int(cfg.data.seq_len),
       batch_size=int(cfg.data.batch_size), steps_per_round=int(r.steps_per_round), n=int(r.n),
