@@ -87,13 +87,13 @@ def test_write_report_needs_metrics(tmp_path):
 
 
 def test_the_loop_logs_the_verdict_after_each_evaluation(tmp_path, capsys):
-  """The engine's monitor (jkd.train.loop._HackingMonitor) writes monitor/* metrics once a fit
+  """The engine's monitor (jkd.train.monitor.HackingWatch) writes monitor/* metrics once a fit
   exists, and warns once when the hacked history flags; a resumed run reads the history back."""
   from jkd.train import loop
   from jkd.train.writer import MetricsWriter, read_metrics
   evals = [r for r in _history(hack=True) if "eval/kl_forward" in r]
   writer = MetricsWriter(str(tmp_path), enabled=True)
-  hacking = loop._HackingMonitor(str(tmp_path), writer, enabled=True)
+  hacking = monitor.HackingWatch(str(tmp_path), writer, enabled=True)
   def evaluate(r):  # What the loop does after an evaluation.
     metrics = {k: v for k, v in r.items() if k != "step"}
     writer.write(r["step"], metrics)
@@ -104,7 +104,7 @@ def test_the_loop_logs_the_verdict_after_each_evaluation(tmp_path, capsys):
   writer.close()
   assert not [r for r in read_metrics(str(tmp_path)) if "monitor/flagged" in r]
   writer = MetricsWriter(str(tmp_path), start_step=20, enabled=True)  # a resumed run
-  hacking = loop._HackingMonitor(str(tmp_path), writer, enabled=True)
+  hacking = monitor.HackingWatch(str(tmp_path), writer, enabled=True)
   for r in evals[5:]:
     evaluate(r)
   writer.close()

@@ -24,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from jkd.train import checkpoint
+from jkd.train import distributed
 from jkd.train import loop
 from jkd.train import stages
 
@@ -44,7 +45,7 @@ def main(argv) -> int:
   config = _CONFIG.value
   if _INIT_FROM.value:
     config.student.init_from = _INIT_FROM.value
-  loop.initialize_distributed(config)  # Before any other JAX work.
+  distributed.initialize_distributed(config)  # Before any other JAX work.
   if jax.process_index() == 0:
     print(config.to_json_best_effort(indent=2), flush=True)
   try:

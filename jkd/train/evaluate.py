@@ -23,6 +23,7 @@ Teacher metrics are omitted when no teacher logits are given.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Iterable, Mapping
 
@@ -164,3 +165,37 @@ def evaluate_batches(eval_step: Callable, params: PyTree, teacher_params: PyTree
     raise ValueError("evaluate_batches() got no batches; the eval set is smaller than one"
                      " batch.")
   return eval_metrics(jax.device_get(total))
+
+
+class Evaluator:
+  """The jitted eval step over ``source.one_epoch()`` (at most ``max_batches``; 0: all), batches
+  placed by a :class:`jkd.train.sharding.BatchPlacer`; metrics named ``<prefix><name>``."""
+
+  def __init__(self, source, batches, *, student_config, teacher, params_shardings,
+               replicated, max_batches: int, prefix: str = "eval/"):
+    self.source, self.batches, self.max_batches = source, batches, max_batches
+    self.prefix = prefix
+    self.teacher = teacher  # With teacher.online=False its params are None: student metrics.
+    self._step = make_eval_step(
+        student_config=student_config,
+        teacher_config=teacher.config if teacher.params is not None else None)
+    self._shardings = (params_shardings, replicated)
+    self._compiled = None
+
+  def __call__(self, params) -> dict[str, float] | None:
+    if self.source is None:
+      return None
+    local = self.source.one_epoch()
+    if self.max_batches > 0:
+      local = itertools.islice(local, self.max_batches)
+    first = next(local, None)
+    if first is None:
+      raise ValueError("the eval set is smaller than one batch.")
+    shardings = self.batches.shardings(first)
+    if self._compiled is None:
+      params_shardings, replicated = self._shardings
+      self._compiled = jax.jit(self._step, out_shardings=replicated, in_shardings=(
+          params_shardings, self.teacher.shardings, shardings))
+    placed = (self.batches.place(b, shardings) for b in itertools.chain([first], local))
+    metrics = evaluate_batches(self._compiled, params, self.teacher.params, placed)
+    return {self.prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}

@@ -26,9 +26,12 @@ False
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+import sys
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from jkd.train.writer import MetricsWriter, read_metrics
 
 #: The default proxy and golden metrics (eval metrics of the engine).
 PROXY_METRIC = "eval/kl_forward"
@@ -137,3 +140,34 @@ def assess_history(history: Sequence[dict], *, proxy: str = PROXY_METRIC,
   with_golden = all(golden in r for r in rows)
   return assess([r["step"] for r in rows], [r[proxy] for r in rows],
                 [r[golden] for r in rows] if with_golden else None, **options)
+
+
+class HackingWatch:
+  """After each evaluation: the teacher-hacking verdict (:func:`assess_history`) over the
+  run's evaluations so far (read back from ``metrics.jsonl``, so a resumed run continues it),
+  logged as ``monitor/flagged``, ``monitor/off_fit``, ``monitor/diverging`` (0/1), with a
+  warning line when it first flags."""
+
+  def __init__(self, workdir: str, writer: MetricsWriter, *, enabled: bool):
+    self.enabled, self.writer = enabled, writer
+    self.history = read_metrics(workdir) if enabled else []
+    self.flagged = False
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.history.append({"step": step, **metrics})
+    verdict = assess_history(self.history)
+    if verdict is None or verdict.fit is None:
+      return
+    self.writer.write(step, {"monitor/flagged": float(verdict.flagged),
+                             "monitor/off_fit": float(verdict.off_fit),
+                             "monitor/diverging": float(verdict.diverging)})
+    if verdict.flagged and not self.flagged:
+      signs = [text for on, text in ((verdict.off_fit, "left its power-law fit"),
+                                     (verdict.diverging, "improves while the golden NLL worsens"))
+               if on]
+      print(f"step {step}: possible teacher hacking since step {verdict.first_step}: the"
+            f" student-teacher KL {' and '.join(signs)} (jkd.train.monitor).", file=sys.stderr,
+            flush=True)
+    self.flagged = verdict.flagged

@@ -9,7 +9,7 @@ Parameters and activations carry logical axis names (``embed``, ``mlp``, ``heads
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -122,3 +122,29 @@ def state_shardings(abstract_state: Any, param_shardings: Any, optimizer: Any,
       nan_streak=replicated, skipped=replicated,
       term_params=jax.tree.map(lambda _: replicated, abstract_state.term_params),
       term_opt_state=jax.tree.map(lambda _: replicated, abstract_state.term_opt_state))
+
+
+class BatchPlacer:
+  """Per-process numpy batches -> global arrays sharded over the ``batch`` rule's mesh axes."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def shardings(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.sharding.Sharding]:
+    """Shardings for batches like ``batch`` (checked: each process holds its own rows)."""
+    out = {k: batch_sharding(self.mesh, self.rules, ndim=np.ndim(v))
+           for k, v in batch.items()}
+    name = next((k for k in ("tokens", "chosen_tokens") if k in batch), next(iter(batch)))
+    rows, *rest = np.shape(batch[name])
+    total = rows * jax.process_count()
+    slices = {index[0].indices(total)[:2] for index in
+              out[name].addressable_devices_indices_map((total, *rest)).values()}
+    if sum(hi - lo for lo, hi in slices) != rows:
+      raise ValueError(f"the mesh {dict(self.mesh.shape)} does not split the batch across the"
+                       f" {jax.process_count()} processes (each serves {rows} of {total} rows):"
+                       " put the processes on the data or fsdp axis.")
+    return out
+
+  def place(self, batch: Mapping[str, np.ndarray], shardings: Mapping) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+            for k, v in batch.items()}

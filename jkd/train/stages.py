@@ -22,12 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from absl import logging as absl_logging
-
 from jkd import sampling
 from jkd.data import corpus as corpus_lib
 from jkd.train import build
-from jkd.train import checkpoint as ckpt_lib
+from jkd.train import distributed
 from jkd.train import loop
 from jkd.train import report as report_lib
 from jkd.train import sharding
@@ -64,7 +62,7 @@ def _greedy(params, config, tokenizer, prompts: list[str], max_new_tokens: int) 
 
 def run(cfg, workdir: str) -> dict[str, Any]:
   """Prepares the data, trains (or resumes) and reports; see the module docstring."""
-  loop.initialize_distributed(cfg)
+  distributed.initialize_distributed(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   prepare = sources.data_source(cfg).prepare
@@ -98,18 +96,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
   result = loop.train(cfg, workdir, **kwargs)
   timings["train_s"] = time.perf_counter() - t0
   if r.enabled and result["status"] == "done" and jax.process_index() == 0:
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        build.abstract_params(models.student_config)[0],
-        build.param_shardings(models.student_config, models.mesh, sharding.DEFAULT_RULES))
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns of metadata it does not need.
-    try:
-      trained = ckpt_lib.restore_params(workdir, abstract)
-    finally:
-      absl_logging.set_verbosity(level)
-    after_text = _greedy(trained, models.student_config, models.tokenizer, shown,
-                         int(r.sample_tokens))
+    after_text = _greedy(result["state"].params, models.student_config, models.tokenizer,
+                         shown, int(r.sample_tokens))
     samples = [{"prompt": p, "teacher": t, "student before": b, "student after": a}
                for p, t, b, a in zip(shown, teacher_text, before_text, after_text)]
     s, t = models.student_config, models.teacher.config

@@ -1,0 +1,195 @@
+"""One explicit setup: a run's pieces built from its config, without running anything.
+
+:func:`setup` gives a :class:`Run`: the mesh, the teacher's spec (its config, and how to read
+its weights later), the student's config, the objective, the optimizer and its schedule, the
+train state's shapes and shardings (``jax.ShapeDtypeStruct`` leaves: no device memory), and the
+jitted train step. Nothing is read but the models' configs (a GGUF teacher's file is read with
+its tensors), so a run can be planned or compiled for hardware it does not run on::
+
+    run = setup(config)
+    lowered = run.lower({"tokens": (16, 2048), "labels": (16, 2048)})
+    print(lowered.compile().memory_analysis())
+
+:func:`jkd.train.train` builds its run with :func:`setup`, then makes the concrete state (fresh
+or restored) and loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jkd import losses
+from jkd import models
+from jkd.train import build
+from jkd.train import evaluate as eval_lib
+from jkd.train import sharding
+from jkd.train.step import TrainState, make_optimizer, make_train_step
+
+PyTree = Any
+
+#: ``fold_in`` indices of the run's seed key: teacher init, student init, per-step key, terms.
+TEACHER_KEY, STUDENT_KEY, STEP_KEY, TERMS_KEY = 0, 1, 2, 3
+
+
+def check_config(cfg) -> None:
+  """The training keys that no other builder checks (a clear error names the key)."""
+  lr = float(cfg.optimizer.lr)
+  if not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"optimizer.lr must be a positive finite number (got {lr}).")
+  for key in ("steps", "max_nan_steps", "log_every", "grad_accum"):
+    if int(cfg.train[key]) < 1:
+      raise ValueError(f"train.{key} must be >= 1 (got {cfg.train[key]}).")
+  best, every, eval_every = cfg.checkpoint.best_metric, cfg.checkpoint.every, cfg.eval.every
+  if best and best not in eval_lib.METRIC_NAMES:
+    raise ValueError(f"checkpoint.best_metric {best!r} is not an eval metric; choose one of"
+                     f" {list(eval_lib.METRIC_NAMES)}.")
+  if best and (eval_every <= 0 or every <= 0 or every % eval_every):
+    raise ValueError(f"checkpoint.best_metric needs an evaluation at every checkpoint: make"
+                     f" checkpoint.every ({every}) a multiple of eval.every ({eval_every}).")
+  if cfg.data.batch_size % int(cfg.train.grad_accum):
+    raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by"
+                     f" train.grad_accum {cfg.train.grad_accum}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  """A run's pieces (see the module docstring); make it with :func:`setup`.
+
+  Attributes:
+    config: the run's config.
+    mesh, rules: the device mesh and the logical-axis rules.
+    key: the run's seed key (``fold_in`` it with :data:`TEACHER_KEY`, ...).
+    teacher_spec: the teacher's config and weight loader (:class:`jkd.train.build.TeacherSpec`).
+    student_config: the student's config.
+    objective, optimizer, schedule: what the step optimises, and how.
+    online: whether the teacher runs inside the step (``teacher.online``).
+    abstract_state: the train state's shapes, each leaf carrying its sharding.
+    state_shardings: the train state's shardings.
+  """
+  config: Any
+  mesh: Mesh
+  rules: tuple
+  key: jax.Array
+  teacher_spec: build.TeacherSpec
+  student_config: models.ModelConfig
+  objective: losses.Objective
+  optimizer: optax.GradientTransformation
+  schedule: Callable
+  online: bool
+  abstract_state: TrainState
+  state_shardings: TrainState
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def step_teacher_config(self) -> models.ModelConfig | None:
+    """The teacher inside the step (parameters in ``teacher.param_dtype``), or None."""
+    if not self.online:
+      return None
+    return self.teacher_spec.config.replace(param_dtype=self.config.teacher.param_dtype)
+
+  def teacher_shardings(self) -> PyTree | None:
+    """Shardings of the step's teacher parameters (None without a teacher in the step)."""
+    config = self.step_teacher_config
+    return None if config is None else build.param_shardings(config, self.mesh, self.rules)
+
+  def abstract_teacher(self) -> PyTree | None:
+    """The step's teacher parameters as sharded ``ShapeDtypeStruct`` leaves (or None)."""
+    config = self.step_teacher_config
+    if config is None:
+      return None
+    dtype = jnp.dtype(config.param_dtype)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
+                        build.abstract_params(config)[0], self.teacher_shardings())
+
+  def term_params(self) -> PyTree:
+    """The loss terms' initial trainable parameters (:func:`jkd.train.build.term_params`)."""
+    return build.term_params(self.objective, jax.random.fold_in(self.key, TERMS_KEY),
+                             self.student_config, self.step_teacher_config)
+
+  def step_key(self) -> jax.Array:
+    """The replicated base key of the per-step keys."""
+    return jax.jit(lambda: jax.random.fold_in(self.key, STEP_KEY),
+                   out_shardings=self.replicated)()
+
+  def train_step(self) -> Callable:
+    """``(state, batch, step_key, teacher_params) -> (state, metrics)``, the step's key folded
+    from the step number (a resumed run draws the same keys)."""
+    step_fn = make_train_step(student_config=self.student_config,
+                              teacher_config=self.step_teacher_config,
+                              objective=self.objective, optimizer=self.optimizer,
+                              schedule=self.schedule,
+                              grad_accum=int(self.config.train.grad_accum))
+
+    def step(state, batch, step_key, teacher_params):
+      return step_fn(state, batch, jax.random.fold_in(step_key, state.step), teacher_params)
+
+    return step
+
+  def jit_step(self, batch_shardings: Mapping[str, Any]) -> Callable:
+    """The step jitted with explicit shardings, the state donated (the teacher is not)."""
+    return jax.jit(self.train_step(),
+                   in_shardings=(self.state_shardings, dict(batch_shardings), self.replicated,
+                                 self.teacher_shardings()),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+
+  def lower(self, batch_shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, Any]
+            | None = None):
+    """The step lowered for global batches of ``batch_shapes`` (int32 unless ``dtypes`` says
+    otherwise), from shapes alone: ``.compile()`` it for this mesh's devices."""
+    dtypes = dict(dtypes or {})
+    batch = {k: jax.ShapeDtypeStruct(tuple(s), dtypes.get(k, jnp.int32),
+                                     sharding=sharding.batch_sharding(self.mesh, self.rules,
+                                                                      ndim=len(s)))
+             for k, s in batch_shapes.items()}
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: self.key).dtype,
+                               sharding=self.replicated)
+    shardings = {k: v.sharding for k, v in batch.items()}
+    return self.jit_step(shardings).lower(self.abstract_state, batch, key,
+                                          self.abstract_teacher())
+
+
+def setup(config, *, teacher_config: models.ModelConfig | None = None,
+          devices=None) -> Run:
+  """A :class:`Run` from a config, without running anything (see the module docstring).
+
+  Args:
+    config: a training config (:func:`jkd.train.config.default_config` keys).
+    teacher_config: the teacher's config when its weights are already built (then its
+      ``teacher.source`` is not read again).
+    devices: the devices of the mesh (default ``jax.devices()``; e.g. the devices of a TPU
+      topology to compile for).
+
+  Raises:
+    ValueError: a bad config, named by its key.
+  """
+  cfg = config
+  check_config(cfg)
+  mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
+  rules = sharding.DEFAULT_RULES
+  spec = (build.TeacherSpec(teacher_config, None) if teacher_config is not None
+          else build.teacher_spec(cfg))  # (a GGUF spec reads the file)
+  student_config = build.student_config(cfg, spec.config)
+  objective = losses.build_objective(cfg.objective)
+  build.check_tokenizers(cfg, objective, spec.config, student_config)
+  optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), int(cfg.train.steps))
+  key = jax.random.key(int(cfg.seed))
+  online = bool(cfg.teacher.online)
+  terms_teacher = spec.config if online else None
+  term_shapes = jax.eval_shape(lambda: build.term_params(
+      objective, jax.random.fold_in(key, TERMS_KEY), student_config, terms_teacher))
+  abstract_state, state_shardings = build.state_shardings(student_config, optimizer, objective,
+                                                          mesh, rules, term_shapes)
+  return Run(config=cfg, mesh=mesh, rules=rules, key=key, teacher_spec=spec,
+             student_config=student_config, objective=objective, optimizer=optimizer,
+             schedule=schedule, online=online, abstract_state=abstract_state,
+             state_shardings=state_shardings)
