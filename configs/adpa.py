@@ -23,7 +23,7 @@ DIR`` prints it)::
 import json
 import os
 
-from jkd.train.config import default_config
+from jkd.train import recipes
 
 #: The variants CI runs end to end.
 CPU_VARIANTS = ("cpu",)
@@ -32,27 +32,15 @@ _TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4,
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"adpa": {"term": "adpa", "weight": 1.0, "k": 50, "kd_weight": 1.6}}
-  c.optimizer.update(dict(lr=5e-5, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="pairs", seq_len=256, batch_size=8))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=0))
-  c.checkpoint.update(dict(every=50, keep=2))
-  if arg == "cpu":
-    c.teacher.source = "random"
-    c.teacher.model.update(_TINY)
-    c.student.every = 2
+  variant = recipes.check_variant("adpa", arg)
+  c = recipes.smollm2_config({"adpa": {"term": "adpa", "weight": 1.0, "k": 50, "kd_weight": 1.6}})
+  c.optimizer.update(dict(lr=5e-5, warmup_steps=10))
+  c.data.update(dict(source="pairs", seq_len=256))
+  c.eval.update(dict(every=0, at_start=False))
+  if variant == "cpu":
+    recipes.tiny_teacher(c)
     c.objective.adpa.k = 8
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1))
     c.data.update(dict(num_examples=16, seq_len=16, batch_size=4))
-    c.train.update(dict(steps=4, log_every=1))
-    c.checkpoint.update(dict(every=2, keep=2))
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of adpa; use no arg or 'cpu'.")
   return c
 
 

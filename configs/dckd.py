@@ -15,36 +15,22 @@ pairs, 4 steps (seconds; what CI runs)::
   python -m jkd.train --config configs/dckd.py:cpu --workdir /tmp/dckd_cpu
 """
 
-from jkd.train.config import default_config
+from jkd.train import recipes
 
 #: The variants CI runs end to end.
 CPU_VARIANTS = ("cpu",)
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"dckd": {"term": "dckd", "weight": 1.0, "k": 50, "kd_weight": 0.1}}
-  c.optimizer.update(dict(lr=5e-5, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="preference", seq_len=256, batch_size=8))
-  c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=0))
-  c.checkpoint.update(dict(every=50, keep=2))
-  if arg == "cpu":
-    c.teacher.source = "random"
-    c.teacher.model.update(dict(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                num_layers=4, num_heads=4, num_kv_heads=2,
-                                max_position_embeddings=64))
-    c.student.every = 2
+  variant = recipes.check_variant("dckd", arg)
+  c = recipes.smollm2_config({"dckd": {"term": "dckd", "weight": 1.0, "k": 50, "kd_weight": 0.1}})
+  c.optimizer.update(dict(lr=5e-5, warmup_steps=10))
+  c.data.update(dict(source="preference", seq_len=256))
+  c.eval.update(dict(every=0, at_start=False))
+  if variant == "cpu":
+    recipes.tiny_teacher(c)
     c.objective.dckd.k = 8
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1))
     c.data.update(dict(source="synthetic_pairs", num_examples=16, seq_len=16, batch_size=4))
-    c.train.update(dict(steps=4, log_every=1))
-    c.checkpoint.update(dict(every=2, keep=2))
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of dckd; use no arg or 'cpu'.")
   return c
 
 

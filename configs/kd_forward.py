@@ -40,10 +40,8 @@ def make_cpu_data(workdir, arg="cpu"):
   Returns:
     Config overrides (``{"data.path": ...}`` for ``cpu_cache``; ``{}`` for ``cpu``).
   """
-  if arg == "cpu_cache":
-    from jkd.train import recipe_data  # pylint: disable=import-outside-toplevel
-    return recipe_data.write_cpu_teacher_cache(get_config(arg), workdir)
-  return {}
+  from jkd.train import recipe_data  # pylint: disable=import-outside-toplevel
+  return recipe_data.token_kd_cpu_data(get_config(arg), workdir, arg)
 
 
 if __name__ == "__main__":

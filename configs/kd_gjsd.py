@@ -8,22 +8,9 @@ forward KL, 1 reverse KL) plus 0.1 x the cross-entropy of the corpus tokens::
 
   python -m jkd.train --config configs/kd_gjsd.py --workdir /tmp/jkd_kd_gjsd
 
-Variants (``--config configs/kd_gjsd.py:<variant>``):
-
-* ``cache``: the same loss from an **offline teacher cache** (``teacher.online=False``: the
-  teacher is read only to initialise the student, then dropped; the step reads its top-32 from
-  the batch with a remaining-mass bin). Write the cache once, then train on it::
-
-    python -m jkd.data.jsonl --input texts.jsonl --root /tmp/jkd_data --name texts
-    python -m jkd.data.teacher_cache --teacher smollm2 --dataset /tmp/jkd_data/texts \\
-        --seq_len 256 --k 32 --out /tmp/jkd_data
-    python -m jkd.train --config configs/kd_gjsd.py:cache --workdir /tmp/jkd_kd_gjsd_cache \\
-        --config.data.path=/tmp/jkd_data/teacher_cache
-
-* ``cpu``: a random 4-layer teacher (vocabulary 128, width 32), synthetic data, 3 steps
-  (seconds; what CI runs).
-* ``cpu_cache``: ``cache`` at that size; ``python configs/kd_gjsd.py /tmp/kd_gjsd_cpu`` writes
-  its cache (:func:`make_cpu_data`) and prints the ``--config.data.path=...`` to add.
+Variants (``--config configs/kd_gjsd.py:<variant>``): ``cache`` (from an offline teacher
+cache), ``cpu`` and ``cpu_cache``, as in ``configs/kd_forward.py`` (its docstring has the
+commands; :func:`jkd.train.recipes.token_kd_config` builds both).
 """
 
 from jkd.train import recipes
@@ -44,10 +31,8 @@ def make_cpu_data(workdir, arg="cpu"):
   Returns:
     Config overrides (``{"data.path": ...}`` for ``cpu_cache``; ``{}`` for ``cpu``).
   """
-  if arg == "cpu_cache":
-    from jkd.train import recipe_data  # pylint: disable=import-outside-toplevel
-    return recipe_data.write_cpu_teacher_cache(get_config(arg), workdir)
-  return {}
+  from jkd.train import recipe_data  # pylint: disable=import-outside-toplevel
+  return recipe_data.token_kd_cpu_data(get_config(arg), workdir, arg)
 
 
 if __name__ == "__main__":

@@ -18,40 +18,27 @@ Variant ``cpu``: a random tiny teacher and a 1-layer random reference on synthet
 
 import json
 
-from jkd.train.config import default_config
+from jkd.train import recipes
 
 #: The variants CI runs end to end.
 CPU_VARIANTS = ("cpu",)
 
 
 def get_config(arg=None):
-  c = default_config()
-  c.teacher.source = "smollm2"
-  c.student.source = "layers"
-  c.student.every = 5
-  c.objective = {"kd": {"term": "forward_kl", "weight": 1.0},
-                 "ce": {"term": "cross_entropy", "weight": 0.1}}
-  c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="npz", seq_len=256, batch_size=8, select="miniplm",
-                     select_fraction=0.5))
-  c.train.update(dict(steps=500, log_every=10, peak_tflops_per_device=0.0))
-  c.eval.update(dict(every=100))
-  c.checkpoint.update(dict(every=100, keep=2))
-  if arg == "cpu":
-    tiny = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                num_kv_heads=2, max_position_embeddings=64)
-    c.teacher.source = "random"
-    c.teacher.model.update(tiny)
-    c.student.every = 2
-    c.optimizer.update(dict(lr=3e-3, warmup_steps=1))
+  variant = recipes.check_variant("miniplm", arg)
+  c = recipes.smollm2_config({"kd": {"term": "forward_kl", "weight": 1.0},
+                              "ce": {"term": "cross_entropy", "weight": 0.1}})
+  c.data.update(dict(source="npz", seq_len=256, select="miniplm", select_fraction=0.5))
+  c.train.update(dict(steps=500, log_every=10))
+  c.eval.update(dict(every=100, at_start=False))
+  c.checkpoint.update(dict(every=100))
+  if variant == "cpu":
+    recipes.tiny_teacher(c, lr=3e-3)
+    reference = {**recipes.CPU_TEACHER, "max_position_embeddings": 64, "num_layers": 1,
+                 "seed": 7}
     c.data.update(dict(source="synthetic", num_examples=32, eval_examples=8, seq_len=16,
-                       batch_size=4, select_reference="random:" + json.dumps(
-                           {**tiny, "num_layers": 1, "seed": 7})))
-    c.train.update(dict(steps=4, log_every=1))
+                       batch_size=4, select_reference="random:" + json.dumps(reference)))
     c.eval.update(dict(every=4))
-    c.checkpoint.update(dict(every=2, keep=2))
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of miniplm; use no arg or 'cpu'.")
   return c
 
 

@@ -6,7 +6,6 @@ tail mass written from the definitions, and the DCKD/ADPA formulas of docs/metho
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -18,7 +17,6 @@ import optax
 import pytest
 
 from jkd import losses
-from jkd import models
 from jkd import train
 from jkd.data.teacher_cache import char_tokenizer
 from jkd.train import loop
@@ -26,26 +24,18 @@ from jkd.train import preference_step
 from jkd.data import synthetic_pair_examples
 from jkd.train.sources import rounds
 from jkd.train.writer import read_metrics
+from tiny_models import TinyModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, K = 3, 12, 5
-CONFIG = models.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                            num_heads=4, num_kv_heads=2, max_position_embeddings=256)
-_init = jax.jit(functools.partial(models.init_params, CONFIG))
-_logits = jax.jit(lambda params, tokens: models.apply(params, tokens, config=CONFIG).logits)
+TINY = TinyModel(max_position_embeddings=256)
+CONFIG, _init, _logits = TINY.config, TINY.init, TINY.logits
+np_logsoftmax = TINY.np_logsoftmax
 
 
 @pytest.fixture(scope="module")
 def nets():
   return {name: _init(jax.random.key(i)) for i, name in enumerate(("student", "teacher", "ref"))}
-
-
-def np_logsoftmax(params, tokens):
-  """``[N, T, V]`` float64 log-softmax, each row run alone."""
-  z = np.stack([np.asarray(_logits(params, jnp.asarray(r[None]))[0], np.float64)
-                for r in tokens])
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def np_topk(logp, k):

@@ -7,43 +7,31 @@ score ``avg log p_teacher - avg log p_reference`` and DDK's weights
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkd import models
 from jkd.train import loop
 from jkd.data import ArraySource, synthetic_lm_examples
 from jkd.train.sources import ddk, miniplm
 from jkd.train.writer import read_metrics
+from tiny_models import TinyModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = models.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                            num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-_init = jax.jit(functools.partial(models.init_params, CONFIG))
-_logits = jax.jit(lambda params, tokens: models.apply(params, tokens, config=CONFIG).logits)
+TINY = TinyModel()
+CONFIG, _init = TINY.config, TINY.init
+np_token_logprobs = TINY.np_token_logprobs
 
 
 @pytest.fixture(scope="module")
 def nets():
   return {name: _init(jax.random.key(10 + i))
           for i, name in enumerate(("student", "teacher", "ref"))}
-
-
-def np_token_logprobs(params, tokens, labels):
-  """``[N, T]`` float64 log p(label), each row run alone."""
-  z = np.stack([np.asarray(_logits(params, jnp.asarray(r[None]))[0], np.float64)
-                for r in tokens])
-  z = z - z.max(-1, keepdims=True)
-  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  return np.take_along_axis(logp, labels[..., None], -1)[..., 0]
 
 
 def one_process(**kw):

@@ -7,7 +7,6 @@ the float64 loss formulas of tests/reference_preference.py.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +16,15 @@ import pytest
 
 import reference_preference as rp
 from jkd import losses
-from jkd import models
 from jkd import train
 from jkd.data import ArraySource
 from jkd.train import loop
 from jkd.train.writer import read_metrics
+from tiny_models import TinyModel
 
 B, T = 4, 12
-CONFIG = models.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                            num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-
-
-_init = jax.jit(functools.partial(models.init_params, CONFIG))
-_logits = jax.jit(lambda params, tokens: models.apply(params, tokens, config=CONFIG).logits)
+TINY = TinyModel()
+CONFIG, _init, _logits = TINY.config, TINY.init, TINY.logits
 
 
 @pytest.fixture(scope="module")

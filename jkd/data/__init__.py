@@ -4,7 +4,7 @@ The modules with a command line (``jsonl``, ``corpus``, ``teacher_cache``, ``pre
 imported on first use of one of their names, so ``python -m jkd.data.<module>`` runs cleanly.
 """
 
-import importlib
+from jkd._lazy import lazy_exports
 
 from jkd.data.store import (
     open_split,
@@ -76,13 +76,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-  if name in _LAZY:
-    value = getattr(importlib.import_module(f"jkd.data.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'jkd.data' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

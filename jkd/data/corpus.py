@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jkd import runtime
 from jkd import sampling
@@ -261,6 +262,98 @@ def _check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
+def _check_corpus_options(max_new_tokens, batch_size, temperature, top_p) -> None:
+  """Raises ``ValueError`` for sampling options out of range (before any prompt work)."""
+  _check_positive("max_new_tokens", max_new_tokens)
+  _check_positive("batch_size", batch_size)
+  sampling.check_filters(top_p=top_p)
+  if not isinstance(temperature, (int, float)) or not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+
+
+def _resume(partial: str, options: Mapping[str, Any],
+            records: Sequence[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
+  """Creates or checks the partial directory; returns the records already written, by id."""
+  os.makedirs(partial, exist_ok=True)
+  _check_options(partial, options)
+  done = _read_partial(partial)
+  unknown = sorted(set(done) - {r["id"] for r in records})
+  if unknown:
+    raise ValueError(f"{partial} holds records for prompt ids {unknown[:5]} that are not among"
+                     " the prompts; delete that directory to start over.")
+  return done
+
+
+def _answer_batch(batch: Sequence[Mapping[str, str]], start: int, done: dict[str, dict[str, Any]],
+                  *, params: PyTree, config, tokenizer, key: jax.Array, chat_template: bool,
+                  max_new_tokens: int, temperature: float, top_p: float,
+                  stops: Sequence[int]) -> list[dict[str, Any]]:
+  """Samples the batch starting at prompt ``start`` with ``fold_in(key, start)``; adds the
+  records of its prompts not yet in ``done`` to ``done`` and returns them."""
+  rows = [encode_prompt(tokenizer, r["prompt"], chat_template=chat_template) for r in batch]
+  out = sampling.generate(params, rows, config=config, key=jax.random.fold_in(key, start),
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, stop_ids=stops)
+  new = []
+  for i, (rec, comp) in enumerate(zip(batch, completion_records(
+      out.tokens, out.lengths, stops, tokenizer))):
+    if rec["id"] not in done:
+      done[rec["id"]] = dict(rec, index=start + i, **comp)
+      new.append(done[rec["id"]])
+  return new
+
+
+def _answer_prompts(records: Sequence[Mapping[str, str]], done: dict[str, dict[str, Any]],
+                    partial: str, *, params: PyTree, config, tokenizer, seed: int,
+                    batch_size: int, max_new_tokens: int, temperature: float, top_p: float,
+                    chat_template: bool, stops: Sequence[int], name: str,
+                    progress: bool) -> None:
+  """Answers the batches holding prompts not in ``done``, adding their records to ``done`` and
+  appending them to a new part file (flushed and fsynced after every batch)."""
+  bar = tqdm(total=len(records), initial=len(done), desc=f"corpus {name}", unit="prompt",
+             disable=not progress)
+  key = jax.random.key(seed)
+  part = None
+  try:
+    for start in range(0, len(records), batch_size):
+      batch = records[start:start + batch_size]
+      if all(r["id"] in done for r in batch):
+        continue
+      new = _answer_batch(batch, start, done, params=params, config=config, tokenizer=tokenizer,
+                          key=key, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, stops=stops)
+      if part is None:
+        part = open(_next_part(partial), "a", encoding="utf-8")
+      part.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+      part.flush()
+      os.fsync(part.fileno())
+      bar.update(len(new))
+  finally:
+    bar.close()
+    if part is not None:
+      part.close()
+
+
+def _write_corpus(out_dir: str, name: str, partial: str, ordered: Sequence[Mapping[str, Any]], *,
+                  teacher: str, options: Mapping[str, Any],
+                  metadata: Mapping[str, Any] | None) -> str:
+  """Writes the answered prompts as the TFDS dataset, then removes the partial directory."""
+  finish = {"stop": 0, "length": 0}
+  for r in ordered:
+    finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
+  features = {f: store.text_feature() for f in ("id", "prompt", "completion", "domain")}
+  meta = {"kind": CORPUS_KIND, "shape": "prompt_completion", "teacher": teacher,
+          "teacher_fingerprint": options["teacher_fingerprint"], "sampling": options["sampling"],
+          "seed": options["seed"], "count": len(ordered), "finish_reasons": finish,
+          "completion_tokens": sum(r["n_tokens"] for r in ordered), **dict(metadata or {})}
+  path = store.write_dataset(
+      out_dir, name, features,
+      {"train": ({f: r[f] for f in features} for r in ordered)},
+      description=f"completions written by {teacher or 'a teacher'}", metadata=meta)
+  shutil.rmtree(partial)
+  return path
+
+
 def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
                     max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.7,
                     top_p: float = 0.95, seed: int = 0, chat_template: bool = True,
@@ -296,11 +389,7 @@ def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
     FileExistsError: the dataset exists already (and no partial directory is left to finish).
     ValueError: bad prompts or options, or a partial directory started with other options.
   """
-  _check_positive("max_new_tokens", max_new_tokens)
-  _check_positive("batch_size", batch_size)
-  sampling.check_filters(top_p=top_p)
-  if not isinstance(temperature, (int, float)) or not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  _check_corpus_options(max_new_tokens, batch_size, temperature, top_p)
   records = _as_records(prompts)
   stops = default_stop_ids(tokenizer) if stop_ids is None else sorted({int(s) for s in stop_ids})
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -319,60 +408,13 @@ def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
   prompts_digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:32]
   options = {"teacher_fingerprint": teacher_fingerprint(params, config), "seed": int(seed),
              "sampling": sampling_opts, "prompts_digest": prompts_digest}
-  os.makedirs(partial, exist_ok=True)
-  _check_options(partial, options)
-  done = _read_partial(partial)
-  unknown = sorted(set(done) - {r["id"] for r in records})
-  if unknown:
-    raise ValueError(f"{partial} holds records for prompt ids {unknown[:5]} that are not among"
-                     " the prompts; delete that directory to start over.")
-
-  from tqdm.auto import tqdm
-  bar = tqdm(total=len(records), initial=len(done), desc=f"corpus {name}", unit="prompt",
-             disable=not progress)
-  key = jax.random.key(seed)
-  part = None
-  try:
-    for start in range(0, len(records), batch_size):
-      batch = records[start:start + batch_size]
-      if all(r["id"] in done for r in batch):
-        continue
-      rows = [encode_prompt(tokenizer, r["prompt"], chat_template=chat_template) for r in batch]
-      out = sampling.generate(params, rows, config=config, key=jax.random.fold_in(key, start),
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, stop_ids=stops)
-      new = []
-      for i, (rec, comp) in enumerate(zip(batch, completion_records(
-          out.tokens, out.lengths, stops, tokenizer))):
-        if rec["id"] not in done:
-          done[rec["id"]] = dict(rec, index=start + i, **comp)
-          new.append(done[rec["id"]])
-      if part is None:
-        part = open(_next_part(partial), "a", encoding="utf-8")
-      part.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-      part.flush()
-      os.fsync(part.fileno())
-      bar.update(len(new))
-  finally:
-    bar.close()
-    if part is not None:
-      part.close()
-
-  ordered = [done[r["id"]] for r in records]
-  finish = {"stop": 0, "length": 0}
-  for r in ordered:
-    finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
-  features = {f: store.text_feature() for f in ("id", "prompt", "completion", "domain")}
-  meta = {"kind": CORPUS_KIND, "shape": "prompt_completion", "teacher": teacher,
-          "teacher_fingerprint": options["teacher_fingerprint"], "sampling": sampling_opts,
-          "seed": int(seed), "count": len(ordered), "finish_reasons": finish,
-          "completion_tokens": sum(r["n_tokens"] for r in ordered), **dict(metadata or {})}
-  path = store.write_dataset(
-      out_dir, name, features,
-      {"train": ({f: r[f] for f in features} for r in ordered)},
-      description=f"completions written by {teacher or 'a teacher'}", metadata=meta)
-  shutil.rmtree(partial)
-  return path
+  done = _resume(partial, options, records)
+  _answer_prompts(records, done, partial, params=params, config=config, tokenizer=tokenizer,
+                  seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, chat_template=chat_template,
+                  stops=stops, name=name, progress=progress)
+  return _write_corpus(out_dir, name, partial, [done[r["id"]] for r in records],
+                       teacher=teacher, options=options, metadata=metadata)
 
 
 # -------------------------------------------------------------------------------------------------

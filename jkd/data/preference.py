@@ -228,6 +228,61 @@ def _prompt_records(prompts, tokenizer, decode, chat_template):
   return out
 
 
+def _sample_candidates(records, n: int, *, params, config: ModelConfig, key: jax.Array,
+                       batch_size: int, max_new_tokens: int, temperature: float, top_p: float,
+                       eos_id: int | None, decode: Callable[[list[int]], str]) -> list[Candidate]:
+  """``n`` sampled completions per prompt, in prompt order (``n`` consecutive per prompt).
+
+  The ``len(records) * n`` sequences go through :func:`generate` ``batch_size`` at a time, batch
+  ``b`` with the key ``fold_in(key, b)``; a completion's text drops its final ``eos_id``.
+  """
+  rows = [(i, j) for i in range(len(records)) for j in range(n)]
+  cands: list[Candidate] = []
+  for b, start in enumerate(range(0, len(rows), batch_size)):
+    chunk = rows[start:start + batch_size]
+    out = generate(params, [records[i][2] for i, _ in chunk], config=config,
+                   key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, eos_id=eos_id)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for r, (i, _) in enumerate(chunk):
+      ids = tokens[r, :lengths[r]]
+      text_ids = ids[:-1] if eos_id is not None and ids.size and ids[-1] == eos_id else ids
+      record, text, prompt_ids = records[i]
+      cands.append(Candidate(text, prompt_ids, decode(text_ids.tolist()), ids, record))
+  return cands
+
+
+def _scores(scorer: Scorer, cands: Sequence[Candidate]) -> np.ndarray:
+  """The scorer's ``[len(cands)]`` float64 scores, checked to be one finite score each."""
+  scores = np.asarray(scorer(cands), np.float64)
+  if scores.shape != (len(cands),) or not np.isfinite(scores).all():
+    raise ValueError(f"the scorer must return {len(cands)} finite scores, got shape"
+                     f" {list(scores.shape)} with {int((~np.isfinite(scores)).sum())} non-finite.")
+  return scores
+
+
+def _rank_pairs(records, cands: Sequence[Candidate], scores: np.ndarray, n: int) -> Pairs:
+  """Pairs each prompt's best-scored non-empty completion with its worst (:class:`Pairs`)."""
+  pairs = Pairs()
+  pairs.skipped, pairs.num_prompts = [], len(records)
+  for i, (record, text, _) in enumerate(records):
+    group = [(scores[i * n + j], cands[i * n + j].completion) for j in range(n)
+             if cands[i * n + j].completion.strip()]
+    if len(group) < 2:
+      pairs.skipped.append(i)
+      continue
+    best = max(range(len(group)), key=lambda k: group[k][0])
+    worst = min(range(len(group)), key=lambda k: group[k][0])
+    if group[best][0] == group[worst][0] or group[best][1] == group[worst][1]:
+      pairs.skipped.append(i)
+      continue
+    pairs.append({"prompt": text, "chosen": group[best][1], "rejected": group[worst][1],
+                  "chosen_score": float(group[best][0]),
+                  "rejected_score": float(group[worst][0]),
+                  "domain": str(record.get("domain", ""))})
+  return pairs
+
+
 def make_pairs(prompts: Sequence[Any], *, policy: tuple[Any, ModelConfig], tokenizer=None,
                scorer: str | Scorer, scorer_options: Mapping[str, Any] | None = None,
                n: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -276,41 +331,11 @@ def make_pairs(prompts: Sequence[Any], *, policy: tuple[Any, ModelConfig], token
   elif scorer_options:
     raise ValueError("scorer_options are for a scorer given by name.")
   records = _prompt_records(prompts, tokenizer, decode, chat_template)
-  rows = [(i, j) for i in range(len(records)) for j in range(n)]
   key = jax.random.fold_in(jax.random.key(seed), round_index)
-  cands: list[Candidate] = []
-  for b, start in enumerate(range(0, len(rows), batch_size)):
-    chunk = rows[start:start + batch_size]
-    out = generate(params, [records[i][2] for i, _ in chunk], config=config,
-                   key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, eos_id=eos_id)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    for r, (i, _) in enumerate(chunk):
-      ids = tokens[r, :lengths[r]]
-      text_ids = ids[:-1] if eos_id is not None and ids.size and ids[-1] == eos_id else ids
-      record, text, prompt_ids = records[i]
-      cands.append(Candidate(text, prompt_ids, decode(text_ids.tolist()), ids, record))
-  scores = np.asarray(scorer(cands), np.float64)
-  if scores.shape != (len(cands),) or not np.isfinite(scores).all():
-    raise ValueError(f"the scorer must return {len(cands)} finite scores, got shape"
-                     f" {list(scores.shape)} with {int((~np.isfinite(scores)).sum())} non-finite.")
-  pairs = Pairs()
-  pairs.skipped, pairs.num_prompts = [], len(records)
-  for i, (record, text, _) in enumerate(records):
-    group = [(scores[i * n + j], cands[i * n + j].completion) for j in range(n)
-             if cands[i * n + j].completion.strip()]
-    if len(group) < 2:
-      pairs.skipped.append(i)
-      continue
-    best = max(range(len(group)), key=lambda k: group[k][0])
-    worst = min(range(len(group)), key=lambda k: group[k][0])
-    if group[best][0] == group[worst][0] or group[best][1] == group[worst][1]:
-      pairs.skipped.append(i)
-      continue
-    pairs.append({"prompt": text, "chosen": group[best][1], "rejected": group[worst][1],
-                  "chosen_score": float(group[best][0]),
-                  "rejected_score": float(group[worst][0]),
-                  "domain": str(record.get("domain", ""))})
+  cands = _sample_candidates(records, n, params=params, config=config, key=key,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, eos_id=eos_id, decode=decode)
+  pairs = _rank_pairs(records, cands, _scores(scorer, cands), n)
   if pairs.skipped:
     _log.info("make_pairs: %d of %d prompts skipped (equal scores or empty samples)",
               len(pairs.skipped), len(records))

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from jkd import models
 from jkd import runtime
@@ -271,7 +272,6 @@ def _check_example(i: int, ex: Mapping[str, Any], seq_len: int | None, optional:
 def _cached_examples(rows: Iterator, first: dict, optional: tuple, *, params, config, k: int,
                      batch_size: int, id_dtype, progress: bool, total: int | None, stats: dict):
   """Yields the cached examples, running the teacher on batches of ``batch_size``."""
-  from tqdm.auto import tqdm
   seq_len = first["tokens"].shape[0]
   bar = tqdm(total=total, desc="teacher cache", unit="ex", disable=not progress)
 
@@ -316,6 +316,43 @@ def _update_metadata(path: str, updates: Mapping[str, Any]) -> None:
   os.replace(file + ".tmp", file)
 
 
+def _check_cache_options(vocab: int, k, batch_size, id_dtype) -> np.dtype:
+  """Validates ``k`` and ``batch_size``; returns the id dtype (default :func:`default_id_dtype`),
+  checked to hold every id of the vocabulary."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= vocab:
+    raise ValueError(f"k must be an int in [1, vocab={vocab}], got {k!r}.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  id_dtype = default_id_dtype(vocab) if id_dtype is None else np.dtype(id_dtype)
+  if not np.issubdtype(id_dtype, np.integer) or np.iinfo(id_dtype).max < vocab - 1:
+    raise ValueError(f"id_dtype {id_dtype} cannot hold token ids up to {vocab - 1}; use"
+                     f" {default_id_dtype(vocab)} (the default) or int32.")
+  return id_dtype
+
+
+def _cache_features(seq_len: int, k: int, id_dtype: np.dtype, optional: tuple) -> dict[str, Any]:
+  """The cache's TFDS features: the example's fields and the teacher's top-k ones."""
+  features = {"tokens": store.tensor_feature(np.int32, (seq_len,)),
+              "labels": store.tensor_feature(np.int32, (seq_len,)),
+              "loss_mask": store.tensor_feature(np.bool_, (seq_len,)),
+              "teacher_topk_ids": store.tensor_feature(id_dtype, (seq_len, k)),
+              "teacher_topk_logprobs": store.tensor_feature(np.float16, (seq_len, k)),
+              "teacher_tail_logprob": store.tensor_feature(np.float16, (seq_len,))}
+  features.update({f: store.tensor_feature(np.int32, (seq_len,)) for f in optional})
+  return features
+
+
+def _record_sizes(path: str, features: Mapping[str, Any], count: int, seq_len: int) -> None:
+  """Adds ``count``, ``bytes_per_token`` and ``payload_bytes_per_token`` to the metadata."""
+  tokens = count * seq_len
+  payload = sum(np.dtype(f.np_dtype).itemsize * int(np.prod(f.shape[1:]))
+                for f in features.values())
+  _update_metadata(path, {"count": count,
+                          "bytes_per_token": _array_record_bytes(path) / max(tokens, 1),
+                          "payload_bytes_per_token": payload})
+
+
 def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any], out_dir: str,
                         *, params: PyTree, config: models.ModelConfig, k: int = 32,
                         batch_size: int = 8, name: str = "teacher_cache", id_dtype=None,
@@ -351,15 +388,7 @@ def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any
     uint16 ids).
   """
   vocab = config.vocab_size
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= vocab:
-    raise ValueError(f"k must be an int in [1, vocab={vocab}], got {k!r}.")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-      or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-  id_dtype = default_id_dtype(vocab) if id_dtype is None else np.dtype(id_dtype)
-  if not np.issubdtype(id_dtype, np.integer) or np.iinfo(id_dtype).max < vocab - 1:
-    raise ValueError(f"id_dtype {id_dtype} cannot hold token ids up to {vocab - 1}; use"
-                     f" {default_id_dtype(vocab)} (the default) or int32.")
+  id_dtype = _check_cache_options(vocab, k, batch_size, id_dtype)
   if isinstance(examples, Mapping):
     total = len(np.asarray(next(iter(examples.values()))))
   else:
@@ -372,13 +401,7 @@ def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any
   optional = tuple(f for f in OPTIONAL_FIELDS if f in first_raw)
   first = _check_example(0, first_raw, None, optional, vocab)
   seq_len = int(first["tokens"].shape[0])
-  features = {"tokens": store.tensor_feature(np.int32, (seq_len,)),
-              "labels": store.tensor_feature(np.int32, (seq_len,)),
-              "loss_mask": store.tensor_feature(np.bool_, (seq_len,)),
-              "teacher_topk_ids": store.tensor_feature(id_dtype, (seq_len, k)),
-              "teacher_topk_logprobs": store.tensor_feature(np.float16, (seq_len, k)),
-              "teacher_tail_logprob": store.tensor_feature(np.float16, (seq_len,))}
-  features.update({f: store.tensor_feature(np.int32, (seq_len,)) for f in optional})
+  features = _cache_features(seq_len, k, id_dtype, optional)
   stats = {"count": 0}
   meta = {"kind": CACHE_KIND, "k": int(k), "vocab": int(vocab), "seq_len": seq_len,
           "teacher": teacher, "teacher_fingerprint": teacher_fingerprint(params, config),
@@ -390,12 +413,7 @@ def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any
                          total=total, stats=stats)
   path = store.write_dataset(out_dir, name, features, {split: gen}, metadata=meta,
                              description=f"teacher top-{k} cache of {teacher or 'a teacher'}")
-  tokens = stats["count"] * seq_len
-  payload = sum(np.dtype(f.np_dtype).itemsize * int(np.prod(f.shape[1:]))
-                for f in features.values())
-  _update_metadata(path, {"count": stats["count"],
-                          "bytes_per_token": _array_record_bytes(path) / max(tokens, 1),
-                          "payload_bytes_per_token": payload})
+  _record_sizes(path, features, stats["count"], seq_len)
   return path
 
 

@@ -345,6 +345,80 @@ def _check_int(name: str, value, low: int) -> None:
     raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
 
 
+def _check_sampling_options(*, max_new_tokens, bucket, pad_id, greedy, temperature, key, top_k,
+                            top_p, min_p) -> None:
+  """Raises ``ValueError`` for :func:`generate` options out of range (before any prompt work)."""
+  _check_int("max_new_tokens", max_new_tokens, 1)
+  if bucket is not None:
+    _check_int("bucket", bucket, 1)
+  _check_int("pad_id", pad_id, -2**31)
+  if not greedy:
+    if not isinstance(temperature, numbers.Real) or not temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {temperature!r}; for argmax decoding pass"
+                       " greedy=True.")
+    if key is None:
+      raise ValueError("sampling needs a key (jax.random.key(seed)); pass greedy=True to decode"
+                       " without one.")
+  check_filters(top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def _stop_set(stop_ids: Sequence[int], eos_id: int | None, vocab: int) -> list[int]:
+  """The sorted stop ids (``stop_ids`` and ``eos_id``), each checked to be in the vocabulary."""
+  stop_set = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
+  for s in stop_set:
+    if not 0 <= s < vocab:
+      raise ValueError(f"stop id {s} (eos_id / stop_ids) is outside the vocabulary [0, {vocab}).")
+  return stop_set
+
+
+def _lengths(longest: int, max_new_tokens: int, config: ModelConfig, bucket: int | None,
+             cache_len: int | None) -> tuple[int, int]:
+  """``(prompt_len, cache_len)``: the bucketed prompt length and the KV-cache slots, checked to
+  hold the longest prompt + ``max_new_tokens``."""
+  if longest + max_new_tokens > config.max_position_embeddings:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})"
+                     f" exceeds the model's max_position_embeddings"
+                     f" ({config.max_position_embeddings}); shorten the prompt or generate less.")
+  prompt_len = length_bucket(longest, bucket)
+  if cache_len is None:
+    cache_len = prompt_len + max_new_tokens
+  else:
+    _check_int("cache_len", cache_len, 1)
+    if longest + max_new_tokens > cache_len:
+      raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens"
+                       f" ({max_new_tokens}) exceeds cache_len ({cache_len}); pass a larger"
+                       " cache_len or generate less.")
+    prompt_len = min(prompt_len, cache_len - max_new_tokens)
+  return prompt_len, cache_len
+
+
+def _left_pad(rows: Sequence[np.ndarray], prompt_len: int) -> tuple[np.ndarray, ...]:
+  """``(tokens, mask, done)``: the prompts left-padded to ``prompt_len``, and the batch padded
+  up to :func:`batch_bucket` rows with rows of one real token that are already stopped."""
+  b = len(rows)
+  bb = batch_bucket(b)
+  tokens = np.zeros((bb, prompt_len), np.int32)
+  mask = np.zeros((bb, prompt_len), bool)
+  for i, row in enumerate(rows):
+    tokens[i, prompt_len - len(row):] = row
+    mask[i, prompt_len - len(row):] = True
+  mask[b:, -1] = True  # batch padding: one real token, already stopped
+  done = np.arange(bb) >= b
+  return tokens, mask, done
+
+
+def _program(config: ModelConfig, batch: int, prompt_len: int, cache_len: int,
+             max_new_tokens: int, return_logits: bool, *, greedy: bool, top_k: int,
+             top_p: float, min_p: float):
+  """The (cached) jitted program for these bucketed shapes and static options."""
+  opts = dict(greedy=bool(greedy), top_k=0 if greedy else int(top_k),
+              use_top_p=not greedy and top_p < 1.0, use_min_p=not greedy and min_p > 0.0)
+  cache_key = (config, batch, prompt_len, cache_len, max_new_tokens, bool(return_logits),
+               tuple(sorted(opts.items())))
+  return _jitted(cache_key, config=config, cache_len=cache_len, max_new_tokens=max_new_tokens,
+                 return_logits=bool(return_logits), **opts)
+
+
 def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
              max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
@@ -388,64 +462,26 @@ def generate(params: PyTree, prompts, *, config: ModelConfig, key: Array | None,
     :class:`SampleOutput` with ``tokens``, ``lengths``, ``logprobs``, ``prompt_lengths`` (and
     ``logits``).
   """
-  _check_int("max_new_tokens", max_new_tokens, 1)
-  if bucket is not None:
-    _check_int("bucket", bucket, 1)
-  _check_int("pad_id", pad_id, -2**31)
-  if not greedy:
-    if not isinstance(temperature, numbers.Real) or not temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {temperature!r}; for argmax decoding pass"
-                       " greedy=True.")
-    if key is None:
-      raise ValueError("sampling needs a key (jax.random.key(seed)); pass greedy=True to decode"
-                       " without one.")
-  check_filters(top_k=top_k, top_p=top_p, min_p=min_p)
-  vocab = config.vocab_size
-  stop_set = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
-  for s in stop_set:
-    if not 0 <= s < vocab:
-      raise ValueError(f"stop id {s} (eos_id / stop_ids) is outside the vocabulary [0, {vocab}).")
-  rows = prompt_rows(prompts, vocab)
-  longest = max(len(r) for r in rows)
-  if longest + max_new_tokens > config.max_position_embeddings:
-    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})"
-                     f" exceeds the model's max_position_embeddings"
-                     f" ({config.max_position_embeddings}); shorten the prompt or generate less.")
-  prompt_len = length_bucket(longest, bucket)
-  if cache_len is None:
-    cache_len = prompt_len + max_new_tokens
-  else:
-    _check_int("cache_len", cache_len, 1)
-    if longest + max_new_tokens > cache_len:
-      raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens"
-                       f" ({max_new_tokens}) exceeds cache_len ({cache_len}); pass a larger"
-                       " cache_len or generate less.")
-    prompt_len = min(prompt_len, cache_len - max_new_tokens)
-  b = len(rows)
-  bb = batch_bucket(b)
-  tokens = np.zeros((bb, prompt_len), np.int32)
-  mask = np.zeros((bb, prompt_len), bool)
-  for i, row in enumerate(rows):
-    tokens[i, prompt_len - len(row):] = row
-    mask[i, prompt_len - len(row):] = True
-  mask[b:, -1] = True  # batch padding: one real token, already stopped
-  done = np.arange(bb) >= b
-
-  opts = dict(greedy=bool(greedy), top_k=0 if greedy else int(top_k),
-              use_top_p=not greedy and top_p < 1.0, use_min_p=not greedy and min_p > 0.0)
+  _check_sampling_options(max_new_tokens=max_new_tokens, bucket=bucket, pad_id=pad_id,
+                          greedy=greedy, temperature=temperature, key=key, top_k=top_k,
+                          top_p=top_p, min_p=min_p)
+  stop_set = _stop_set(stop_ids, eos_id, config.vocab_size)
+  rows = prompt_rows(prompts, config.vocab_size)
+  prompt_len, cache_len = _lengths(max(len(r) for r in rows), max_new_tokens, config, bucket,
+                                   cache_len)
+  tokens, mask, done = _left_pad(rows, prompt_len)
   # Stop ids are data (padded with -1, which no token equals) in a bucket of 8, 16, ...
   stops = np.full(max(8, batch_bucket(len(stop_set))), -1, np.int32)
   stops[:len(stop_set)] = stop_set
-  cache_key = (config, bb, prompt_len, cache_len, max_new_tokens, bool(return_logits),
-               tuple(sorted(opts.items())))
-  fn = _jitted(cache_key, config=config, cache_len=cache_len, max_new_tokens=max_new_tokens,
-               return_logits=bool(return_logits), **opts)
+  fn = _program(config, tokens.shape[0], prompt_len, cache_len, max_new_tokens, return_logits,
+                greedy=greedy, top_k=top_k, top_p=top_p, min_p=min_p)
   if key is None:
     key = jax.random.key(0)
   f32 = np.float32
   out_tokens, lengths, logprobs, logits = fn(
       params, tokens, mask, done, stops, key, f32(1.0 if greedy else temperature), f32(top_p),
       f32(min_p), np.int32(pad_id))
+  b = len(rows)
   return SampleOutput(tokens=out_tokens[:b], lengths=lengths[:b], logprobs=logprobs[:b],
                       prompt_lengths=jnp.asarray([len(r) for r in rows], jnp.int32),
                       logits=None if logits is None else logits[:b])

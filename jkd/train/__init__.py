@@ -4,7 +4,7 @@ The public names below are imported from their modules on first use, so importin
 (``jkd.train.config`` from a config file, say) loads only what that module needs.
 """
 
-import importlib
+from jkd._lazy import lazy_exports
 
 #: Public name -> the module of ``jkd.train`` that defines it.
 _EXPORTS = {
@@ -40,13 +40,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(f"jkd.train.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'jkd.train' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -50,3 +50,9 @@ def write_cpu_teacher_cache(c, workdir: str, *, k: int = 16, num_examples: int =
                                            config=spec.config, k=k, name=name,
                                            teacher="random (cpu variant)", progress=False)
   return {"data.path": path}
+
+
+def token_kd_cpu_data(c, workdir: str, arg: str) -> dict[str, Any]:
+  """What the CPU variants of the token-KD recipes read from disk (``configs/kd_forward.py``,
+  ``configs/kd_gjsd.py``): the teacher cache of ``cpu_cache``; nothing for ``cpu``."""
+  return write_cpu_teacher_cache(c, workdir) if arg == "cpu_cache" else {}

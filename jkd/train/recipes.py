@@ -55,6 +55,28 @@ def cpu_variant(c, *, steps: int = 3, seq_len: int = 16, batch_size: int = 4):
   return c
 
 
+def tiny_teacher(c, *, steps: int = 4, lr: float = 1e-3, max_position_embeddings: int = 64,
+                 char_tokenizer: bool = False):
+  """Makes a recipe CPU-sized in place but keeps its own data source (unlike
+  :func:`cpu_variant`): the random teacher of :data:`CPU_TEACHER` (``max_position_embeddings``
+  positions; a character tokenizer with ``char_tokenizer``), a student of every 2nd teacher
+  layer, ``lr`` after one warmup step, ``steps`` steps logged each, checkpoints every 2.
+
+  >>> from jkd.train import default_config
+  >>> c = tiny_teacher(default_config()); c.teacher.model.hidden_size, c.train.steps
+  (32, 4)
+  """
+  c.teacher.source = "random"
+  c.teacher.model.update({**CPU_TEACHER, "max_position_embeddings": max_position_embeddings})
+  if char_tokenizer:
+    c.teacher.tokenizer = "char"
+  c.student.every = 2
+  c.optimizer.update(dict(lr=lr, warmup_steps=1))
+  c.train.update(dict(steps=steps, log_every=1))
+  c.checkpoint.update(dict(every=2, keep=2))
+  return c
+
+
 def smollm2_config(objective: dict[str, Any]):
   """The base of the SmolLM2 recipes: SmolLM2-135M-Instruct teaching every 5th of its layers
   with ``objective`` on a teacher-written corpus (200 steps of 8 x 160 tokens, evaluation and
@@ -86,10 +108,7 @@ def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None
     arg: the variant (None: the real run).
   """
   c = smollm2_config(objective)
-  variant = arg or ""
-  if variant not in ("", "cache", "cpu", "cpu_cache"):
-    raise ValueError(f"unknown variant {arg!r} of {name}; use no arg, 'cache', 'cpu' or"
-                     " 'cpu_cache'.")
+  variant = check_variant(name, arg, ("cache", "cpu", "cpu_cache"))
   if variant.startswith("cpu"):
     cpu_variant(c)
   if variant.endswith("cache"):
@@ -97,6 +116,66 @@ def token_kd_config(name: str, objective: dict[str, Any], arg: str | None = None
     c.data.update(dict(source="tfds", shape="tokenized", path="",
                        seq_len=c.data.seq_len if variant == "cpu_cache" else 256))
     c.eval.at_start = False
+  return c
+
+
+def check_variant(name: str, arg: str | None, variants: tuple[str, ...] = ("cpu",)) -> str:
+  """The variant ``arg`` of recipe ``name`` (``""`` for the real run), or a clear error.
+
+  >>> check_variant("dpo", None), check_variant("dpo", "cpu")
+  ('', 'cpu')
+  """
+  variant = arg or ""
+  if variant and variant not in variants:
+    names = ", ".join(repr(v) for v in variants)
+    raise ValueError(f"unknown variant {arg!r} of {name}; use no arg or {names}.")
+  return variant
+
+
+def preference_config(name: str, objective: dict[str, Any], arg: str | None = None, *,
+                      online: bool = True, every: int = 1, lr: float = 1e-6,
+                      shape: str = "", cpu_every: int | None = None):
+  """The base of the preference recipes (``configs/dpo.py``, ``simpo.py``, ``orpo.py``,
+  ``kto.py``, ``dpo_teacher_ref.py``): a policy made of SmolLM2-135M-Instruct's layers
+  (``every=1``: a copy of it) trained on text pairs (``data.source=preference``, ``data.path``)
+  with ``objective``, 500 steps of 8 pairs of 512 tokens, no evaluation set (``eval.every=0``;
+  the objective's metrics are logged every step), checkpoints every 100 steps.
+
+  Data: ``data.source=preference`` reads ``data.path``, JSONL files of ``{"prompt", "chosen",
+  "rejected"}`` text (built once into a TFDS dataset under ``data.cache_dir``) or a TFDS
+  preference dataset directory (e.g. from ``python -m jkd.data.preference make``); prompts go
+  through the chat template, labels cover the completions only.
+
+  Variant ``cpu``: :func:`cpu_variant` (a random 4-layer teacher of vocabulary 128 and width
+  32, 3 steps in seconds) on random token pairs (``data.source=synthetic_pairs``) of 32 tokens.
+
+  Args:
+    name: the recipe's name (for the unknown-variant error).
+    objective: the :func:`jkd.losses.build_objective` spec.
+    arg: the variant (None: the real run; ``"cpu"``).
+    online: whether the teacher runs in the step (as the reference or a teacher); False: it
+      only initialises the policy.
+    every: the policy is every ``every``-th teacher layer; ``cpu_every`` in the CPU variant
+      (default ``every``).
+    lr: peak learning rate.
+    shape: ``data.shape`` (``"unpaired"``: KTO rows).
+  """
+  variant = check_variant(name, arg)
+  c = default_config()
+  c.teacher.source = "smollm2"
+  c.teacher.online = online
+  c.student.source = "layers"
+  c.student.every = every
+  c.objective = objective
+  c.optimizer.update(dict(lr=lr, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0))
+  c.data.update(dict(source="preference", path="", shape=shape, seq_len=512, batch_size=8))
+  c.train.update(dict(steps=500, log_every=5, peak_tflops_per_device=0.0))
+  c.eval.update(dict(every=0))
+  c.checkpoint.update(dict(every=100, keep=2))
+  if variant == "cpu":
+    cpu_variant(c, seq_len=32)
+    c.student.every = every if cpu_every is None else cpu_every
+    c.data.update(dict(source="synthetic_pairs", shape=shape))
   return c
 
 

@@ -1,0 +1,51 @@
+"""The sharded tiny distillation step shared by tests/multidevice_train.py and
+tests/multiprocess_train.py (run in subprocesses with several devices or processes).
+
+A 4-layer random teacher of vocabulary 64 and width 32 teaches its every-2nd-layer student; the
+state is created in its shardings, the teacher placed in its own, and the step jitted with the
+state donated. ``put(tree, shardings)`` places host values (every process holds all of them).
+"""
+
+import jax
+import numpy as np
+
+from jkd import losses, models, train
+
+
+def put(tree, shardings):
+  """Host arrays -> global arrays of ``shardings`` (each process reads its own shards)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x)[idx]),
+      tree, shardings)
+
+
+def tiny_step(mesh, objective):
+  """``(state, teacher params, jitted step, batch sharding, global tokens, global labels)``."""
+  tcfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                            num_heads=4, num_kv_heads=2)
+  tparams = models.init_params(tcfg, jax.random.key(0))
+  scfg, sparams = models.student_from_teacher(tparams, tcfg, every=2)
+  obj = losses.build_objective(objective)
+  opt, sched = train.make_optimizer({"lr": 1e-2, "warmup_steps": 1}, 10)
+  ps = train.shardings_for(jax.eval_shape(lambda: sparams), models.param_axes(scfg), mesh)
+  pt = train.shardings_for(jax.eval_shape(lambda: tparams), models.param_axes(tcfg), mesh)
+  abstract = jax.eval_shape(lambda p: train.init_state(p, opt, obj), sparams)
+  ss = train.state_shardings(abstract, ps, opt, mesh)
+  state = jax.jit(lambda p: train.init_state(p, opt, obj), out_shardings=ss)(put(sparams, ps))
+  bs = train.batch_sharding(mesh)
+  step = jax.jit(train.make_train_step(student_config=scfg, teacher_config=tcfg, objective=obj,
+                                       optimizer=opt, schedule=sched),
+                 in_shardings=(ss, bs, None, pt), out_shardings=(ss, None), donate_argnums=0)
+  toks = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 64))
+  labels = np.roll(toks, -1, 1)
+  labels[:, -1] = -100
+  return state, put(tparams, pt), step, bs, toks, labels
+
+
+def three_steps(state, step, batch, tparams) -> list[dict[str, float]]:
+  """The per-step metrics of three steps on one batch."""
+  out = []
+  for _ in range(3):
+    state, m = step(state, batch, jax.random.key(2), tparams)
+    out.append({k: float(v) for k, v in m.items()})
+  return out
