@@ -55,11 +55,11 @@ def write_pairs(pairs_jsonl, reference_spec, out, *, teacher_spec="smollm2", k=5
   """Tokenizes text pairs and stores them with the aligned teacher's top-``k`` and the
   reference's log-probs there (``teacher_spec``/``reference_spec``: ``smollm2``, ``gguf:PATH``,
   ``hf:DIR``, ``random:{json}``). Returns ``out``."""
-  from jkd.data import preference, teacher_cache  # noqa: PLC0415
+  from jkd.data import corpus, model_spec, preference  # noqa: PLC0415
   from jkd.train import preference_step  # noqa: PLC0415
-  teacher = teacher_cache.load_teacher(teacher_spec)
-  reference = teacher_cache.load_teacher(reference_spec)
-  pairs = preference.tokenize_pairs(preference.read_prompts(pairs_jsonl), teacher.tokenizer,
+  teacher = model_spec.load_model(teacher_spec)
+  reference = model_spec.load_model(reference_spec)
+  pairs = preference.tokenize_pairs(corpus.read_prompts(pairs_jsonl, keep=True), teacher.tokenizer,
                                     seq_len=seq_len, source=pairs_jsonl)
   pairs.pop("example_index")
   targets = preference_step.pair_teacher_targets(
@@ -74,13 +74,13 @@ def make_cpu_data(workdir, arg="cpu"):
   Returns:
     ``{"data.path": the .npz}``.
   """
-  from jkd.data import teacher_cache  # noqa: PLC0415
+  from jkd.data import model_spec  # noqa: PLC0415
   from jkd.train import preference_step  # noqa: PLC0415
   from jkd.data import synthetic_pair_examples  # noqa: PLC0415
   c = get_config(arg)
   pairs = synthetic_pair_examples(int(c.data.num_examples), int(c.data.seq_len),
                                   _TINY["vocab_size"], seed=0)
-  aligned, reference = (teacher_cache.load_teacher("random:" + json.dumps({**_TINY, "seed": s}))
+  aligned, reference = (model_spec.load_model("random:" + json.dumps({**_TINY, "seed": s}))
                         for s in (1, 2))
   targets = preference_step.pair_teacher_targets(
       pairs, teacher=(aligned.params, aligned.config),

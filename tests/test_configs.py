@@ -8,7 +8,6 @@ overrides (``{"data.path": ...}``) for data a variant reads from disk. ``demo.py
 """
 
 import glob
-import importlib.util
 import inspect
 import json
 import math
@@ -23,6 +22,7 @@ from jkd.train import loop, recipes, stages
 from jkd.train import step as step_lib
 from jkd.data import ArraySource, synthetic_lm_examples
 from jkd.train.writer import read_metrics
+from recipe_configs import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs",
@@ -37,12 +37,7 @@ OWN_TESTS = {"demo": "tests/test_demo.py (its 'tiny' variant)",
 RECIPES = [n for n in CONFIGS if n not in OWN_TESTS]
 
 
-def load(name):
-  spec = importlib.util.spec_from_file_location(f"jkd_config_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+load = load_module
 
 
 def cpu_runs():
@@ -99,8 +94,12 @@ def test_cpu_variant_trains_end_to_end(name, variant, tmp_path):
   result, lines = _run(cfg, str(tmp_path / "run"))
   assert result["status"] == "done" and result["step"] == steps
   assert [m["step"] for m in lines] == list(range(1, steps + 1))
+  terms = list(cfg.objective.keys())
+  assert terms
   for m in lines:
     assert math.isfinite(m["loss/total"]) and m["train/finite"] == 1.0, m
+    for term in terms:  # Every configured term is computed and logged at every step.
+      assert math.isfinite(m[f"loss/{term}"]), (term, m)
   with open(tmp_path / "run" / "config.json") as f:
     assert json.load(f)["train"]["steps"] == steps
   if not cfg.teacher.online and result["eval"]:

@@ -15,6 +15,7 @@ import pytest
 
 from jkd import models, sampling
 from jkd.data import corpus, open_split, read_metadata
+from jkd.data import model_spec
 from jkd.data import teacher_cache as tc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_completion_records_stop_at_eos():
-  tok = tc.char_tokenizer(128)
+  tok = model_spec.char_tokenizer(128)
   h, i, eos, pad = 44, 77, 1, 0  # "H", "i", <eos>, <pad>
   tokens = np.array([[h, i, eos, pad, pad], [h, i, h, i, h]])
   recs = corpus.completion_records(tokens, np.array([3, 5]), [eos], tok)
@@ -121,7 +122,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, monkeypatch):
   with open(part0, "a") as f:  # as if killed in the middle of writing the next record
     f.write('{"id": "p2", "prompt": "Tell me')
 
-  teacher = tc.load_teacher(SPEC)
+  teacher = model_spec.load_model(SPEC)
   with pytest.raises(ValueError, match="started with other options .*temperature"):
     corpus.generate_corpus(str(prompts), str(out), params=teacher.params, config=teacher.config,
                            tokenizer=teacher.tokenizer, max_new_tokens=8, batch_size=2, seed=3,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jkd import models
+from jkd.data import corpus
 from jkd.data import preference as P
 from jkd.data import scoring
 from test_models import numpy_decoder  # the float64 NumPy decoder of the model tests
@@ -331,20 +332,24 @@ def test_write_and_read_pairs(tmp_path):
     P.write_pairs([], str(tmp_path), "empty")
 
 
-def test_read_prompts_names_file_and_line(tmp_path):
+def test_prompt_files_keep_their_fields_for_scorers(tmp_path):
+  # make_pairs reads its prompts with jkd.data.corpus.read_prompts(keep=True): a JSONL record's
+  # other fields (a reference answer) reach the scorer; a text file is one prompt a line.
   good = tmp_path / "p.jsonl"
   good.write_text('{"prompt": "hi", "answer": "x"}\n\n{"prompt": "yo"}\n')
-  assert P.read_prompts(str(good)) == [{"prompt": "hi", "answer": "x"}, {"prompt": "yo"}]
+  assert corpus.read_prompts(str(good), keep=True) == [
+      {"id": "1", "prompt": "hi", "domain": "", "answer": "x"},
+      {"id": "3", "prompt": "yo", "domain": ""}]
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "hi"}\n{"question": "yo"}\n')
-  with pytest.raises(ValueError, match=f"{bad}:2: each line needs a text field 'prompt'"):
-    P.read_prompts(str(bad))
+  with pytest.raises(ValueError, match=f"{bad}:2: 'prompt' must be a non-empty string"):
+    corpus.read_prompts(str(bad), keep=True)
   bad.write_text('{"prompt": "hi"}\n{"prompt": \n')
   with pytest.raises(ValueError, match=f"{bad}:2: not valid JSON"):
-    P.read_prompts(str(bad))
+    corpus.read_prompts(str(bad), keep=True)
   txt = tmp_path / "p.txt"
   txt.write_text("one\n\ntwo\n")
-  assert P.read_prompts(str(txt)) == [{"prompt": "one"}, {"prompt": "two"}]
+  assert [r["prompt"] for r in corpus.read_prompts(str(txt))] == ["one", "two"]
 
 
 def char_hf_tokenizer():

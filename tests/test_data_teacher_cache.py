@@ -13,6 +13,7 @@ import pytest
 
 from jkd import losses, models
 from jkd.data import open_split, read_metadata
+from jkd.data import model_spec
 from jkd.data import teacher_cache as tc
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -190,7 +191,7 @@ def test_text_dataset_examples(tiny, tmp_path):
   rows = [{"prompt": f"Say {i}", "completion": "ok " * (i + 1), "domain": ""} for i in range(3)]
   src = store.write_dataset(str(tmp_path), "pc", feats, {"train": rows},
                             metadata={"shape": "prompt_completion"})
-  tok = tc.char_tokenizer(config.vocab_size)
+  tok = model_spec.char_tokenizer(config.vocab_size)
   counts = {}
   examples = tc._dataset_examples(src, "train", tok, seq_len=24, vocab_size=128, shape=None,
                                   chat_template=True, counts=counts)

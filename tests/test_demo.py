@@ -1,6 +1,5 @@
 """The main job's path end to end (configs/demo.py:tiny): corpus, training, report, resume."""
 
-import importlib.util
 import json
 import os
 
@@ -9,16 +8,13 @@ import pytest
 from jkd.data import store
 from jkd.train import sources, stages
 from jkd.train.writer import read_metrics
+from recipe_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                os.path.join(ROOT, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config("demo", arg)
 
 
 def test_default_demo_config_is_the_smollm2_job():

@@ -6,7 +6,6 @@ tail mass written from the definitions, and the DCKD/ADPA formulas of docs/metho
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -18,13 +17,14 @@ import pytest
 
 from jkd import losses
 from jkd import train
-from jkd.data.teacher_cache import char_tokenizer
+from jkd.data.model_spec import char_tokenizer
 from jkd.train import loop
 from jkd.train import preference_step
 from jkd.data import synthetic_pair_examples
 from jkd.train.sources import rounds
 from jkd.train.writer import read_metrics
 from tiny_models import TinyModel
+from recipe_configs import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, K = 3, 12, 5
@@ -188,10 +188,7 @@ def test_rounds_remake_pairs_each_round_and_resume_exactly(nets):
 # The configs' cpu variants end to end.
 
 def load_config(name, arg="cpu"):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(name)
   return module, module.get_config(arg)
 
 

@@ -1,4 +1,5 @@
-"""MiniPLM selection and DDK domain weights in the engine (jkd.train.sources.miniplm, jkd.train.sources.ddk), end to end.
+"""MiniPLM selection and DDK domain weights in the engine (jkd.train.sources.miniplm and
+jkd.train.sources.ddk), end to end.
 
 References: float64 NumPy log-softmax of each model's logits (each row run alone), MiniPLM's
 score ``avg log p_teacher - avg log p_reference`` and DDK's weights
@@ -7,7 +8,6 @@ score ``avg log p_teacher - avg log p_reference`` and DDK's weights
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -21,6 +21,7 @@ from jkd.data import ArraySource, synthetic_lm_examples
 from jkd.train.sources import ddk, miniplm
 from jkd.train.writer import read_metrics
 from tiny_models import TinyModel
+from recipe_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = TinyModel()
@@ -118,14 +119,6 @@ def test_split_by_domain_names_the_bad_line(tmp_path):
   assert [json.loads(l)["text"] for l in open(out["x"])] == ["a", "c"]
 
 
-def load_config(name, arg="cpu"):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.mark.parametrize("name", ["miniplm", "ddk"])
 def test_cpu_variant_trains(name, tmp_path):
   cfg = load_config(name)
@@ -139,8 +132,12 @@ def test_cpu_variant_trains(name, tmp_path):
   assert len([m for m in metrics if "loss/total" in m]) == 4
   if name == "ddk":
     rows = [m for m in metrics if "ddk/weight/d0" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]  # Every batch carries the weights.
     for m in rows:
       assert math.isclose(sum(m[f"ddk/weight/d{i}"] for i in range(3)), 1.0, rel_tol=1e-5)
+    # The evaluation after step 2 moved them (from the uniform start).
+    assert max(abs(rows[2][f"ddk/weight/d{i}"] - rows[0][f"ddk/weight/d{i}"])
+               for i in range(3)) > 1e-6
     # Resuming keeps the weights: the data state holds them.
     with cfg.unlocked():
       cfg.train.steps = 6

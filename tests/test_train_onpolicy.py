@@ -5,7 +5,6 @@ run through jkd.train.train that resumes from a checkpoint to identical metrics.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -19,6 +18,7 @@ from jkd import train
 from jkd.data import ArraySource
 from jkd.train import loop
 from jkd.train.writer import read_metrics
+from recipe_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, B, T = 32, 4, 12
@@ -184,11 +184,7 @@ class _StopAfter:
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location("kd_tiny", os.path.join(ROOT, "configs",
-                                                                         "kd_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = load_config("kd_tiny")
   cfg.train.update(dict(steps=4, progress_bar=False))
   cfg.eval.update(dict(every=2, batches=1))
   cfg.checkpoint.update(dict(every=2, async_save=False))

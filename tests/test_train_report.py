@@ -89,7 +89,6 @@ def test_write_report_needs_metrics(tmp_path):
 def test_the_loop_logs_the_verdict_after_each_evaluation(tmp_path, capsys):
   """The engine's monitor (jkd.train.monitor.HackingWatch) writes monitor/* metrics once a fit
   exists, and warns once when the hacked history flags; a resumed run reads the history back."""
-  from jkd.train import loop
   from jkd.train.writer import MetricsWriter, read_metrics
   evals = [r for r in _history(hack=True) if "eval/kl_forward" in r]
   writer = MetricsWriter(str(tmp_path), enabled=True)

@@ -23,7 +23,9 @@ def test_meshes_give_the_same_metrics_as_one_device():
   results = json.loads(proc.stdout)
   single = results.pop("single")
   assert len(results) == 4
+  assert len(single) == 3
   for shape, steps in results.items():
+    assert len(steps) == len(single), shape
     for ref, got in zip(single, steps):
       assert ref.keys() == got.keys()
       for k in ref:

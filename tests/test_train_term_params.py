@@ -20,17 +20,12 @@ import orbax.checkpoint as ocp
 from jkd import losses
 from jkd.train import build, stages
 from jkd.train.writer import read_metrics
+from recipe_configs import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_config(name, arg):
-  import importlib.util  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs",
-                                                                           f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+_load_config = load_config
 
 
 def test_hidden_state_distillation_across_widths_trains_its_projections(tmp_path):

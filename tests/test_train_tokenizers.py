@@ -5,7 +5,7 @@ import pytest
 
 from jkd import losses
 from jkd import models
-from jkd.data.teacher_cache import char_tokenizer
+from jkd.data.model_spec import char_tokenizer
 from jkd.train import build
 from jkd.train.config import default_config
 

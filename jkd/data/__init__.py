@@ -58,10 +58,11 @@ _LAZY = {
     "generate_corpus": "corpus",
     "read_prompts": "corpus",
     "TAIL_FLOOR": "teacher_cache",
-    "Teacher": "teacher_cache",
     "check_cache": "teacher_cache",
-    "char_tokenizer": "teacher_cache",
-    "load_teacher": "teacher_cache",
+    "char_tokenizer": "model_spec",
+    "load_model": "model_spec",
+    "model_config": "model_spec",
+    "LoadedModel": "model_spec",
     "teacher_fingerprint": "teacher_cache",
     "topk_logprobs": "teacher_cache",
     "write_teacher_cache": "teacher_cache",
@@ -74,6 +75,5 @@ _LAZY = {
     "tokenize_preference": "preference",
     "write_pairs": "preference",
 }
-
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

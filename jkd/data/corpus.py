@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from jkd import runtime
 from jkd import sampling
 from jkd.data import store
-from jkd.data.teacher_cache import load_teacher, teacher_fingerprint
+from jkd.data.model_spec import load_model
+from jkd.data.teacher_cache import teacher_fingerprint
 
 PyTree = Any
 
@@ -56,7 +57,7 @@ SHIPPED_PROMPTS = os.path.join(os.path.dirname(__file__), "prompts", "instructio
 # Prompts
 
 
-def _prompt_record(raw: Any, where: str, default_id: str) -> dict[str, str]:
+def _prompt_record(raw: Any, where: str, default_id: str, keep: bool = False) -> dict[str, Any]:
   if not isinstance(raw, Mapping):
     raise ValueError(f"{where}: a prompt must be a JSON object with a 'prompt' string, got"
                      f" {type(raw).__name__}.")
@@ -69,7 +70,8 @@ def _prompt_record(raw: Any, where: str, default_id: str) -> dict[str, str]:
   domain = raw.get("domain", "")
   if not isinstance(domain, str):
     raise ValueError(f"{where}: 'domain' must be a string, got {domain!r}.")
-  return {"id": str(pid), "prompt": prompt, "domain": domain}
+  record = {"id": str(pid), "prompt": prompt, "domain": domain}
+  return {**raw, **record} if keep else record
 
 
 def _check_unique(records: Sequence[Mapping[str, str]], wheres: Sequence[str]) -> None:
@@ -81,32 +83,46 @@ def _check_unique(records: Sequence[Mapping[str, str]], wheres: Sequence[str]) -
     seen[rec["id"]] = where
 
 
-def read_prompts(path: str) -> list[dict[str, str]]:
-  """Reads a JSONL prompt file.
+def read_prompts(path: str, *, keep: bool = False) -> list[dict[str, Any]]:
+  """Reads a prompt file: JSONL (``.jsonl``), or plain text with one prompt a line.
 
   Args:
-    path: one JSON object per line with ``prompt`` (required), ``id`` (default: the line
-      number) and ``domain`` (default ``""``); blank lines are skipped.
+    path: a ``.jsonl`` file of one JSON object per line with ``prompt`` (required), ``id``
+      (default: the line number) and ``domain`` (default ``""``); any other file, one prompt a
+      line. Blank lines are skipped.
+    keep: keep a JSONL record's other fields (e.g. a reference ``answer`` for a scorer, or the
+      ``chosen``/``rejected`` texts of a pair file).
 
   Returns:
-    ``[{"id": str, "prompt": str, "domain": str}, ...]`` in file order.
+    ``[{"id": str, "prompt": str, "domain": str, ...}, ...]`` in file order.
 
   Raises:
-    ValueError: a line that is not a JSON object with a non-empty ``prompt``, or a repeated id
-      (the message names the file and line).
+    ValueError: a line that is not a JSON object with a non-empty ``prompt``, a repeated id, or
+      no prompt at all (the message names the file and line).
+
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), "p.txt")
+  >>> _ = open(path, "w").write("Name a colour.\\n\\nCount to three.\\n")
+  >>> [r["prompt"] for r in read_prompts(path)], read_prompts(path)[1]["id"]
+  (['Name a colour.', 'Count to three.'], '3')
   """
   records, wheres = [], []
+  jsonl = os.fspath(path).endswith(".jsonl")
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
       where = f"{path}:{lineno}"
+      if not jsonl:
+        records.append({"id": str(lineno), "prompt": line.rstrip("\n"), "domain": ""})
+        wheres.append(where)
+        continue
       try:
         raw = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one object like"
                          ' {"id": "w001", "prompt": "...", "domain": "writing"}.') from None
-      records.append(_prompt_record(raw, where, str(lineno)))
+      records.append(_prompt_record(raw, where, str(lineno), keep))
       wheres.append(where)
   if not records:
     raise ValueError(f"{path}: holds no prompts.")
@@ -446,7 +462,7 @@ def main(argv: list[str] | None = None) -> str:
   prompts = read_prompts(prompts_path)
   if args.limit is not None:
     prompts = prompts[:args.limit]
-  teacher = load_teacher(args.teacher)
+  teacher = load_model(args.teacher)
   path = generate_corpus(prompts, args.out, params=teacher.params, config=teacher.config,
                          tokenizer=teacher.tokenizer, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, temperature=args.temperature,

@@ -38,12 +38,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jkd import models
 from jkd import runtime
 from jkd.data import scoring
 from jkd.data import store
+from jkd.data import corpus
+from jkd.data import model_spec
 from jkd.data.corpus import encode_prompt
-from jkd.models import load_tokenizer
 from jkd.sampling import generate
 from jkd.data.scoring import (  # noqa: F401  (re-exported)
     IGNORE_INDEX,
@@ -532,52 +532,15 @@ def reference_logprobs(pairs_tokenized, *, params, config: ModelConfig, cache_di
 # CLI
 
 
-def read_prompts(path: str) -> list[dict[str, Any]]:
-  """Prompt records from a ``.jsonl`` file (``{"prompt": ..., ...}`` a line) or a text file
-  (one prompt a line; blank lines skipped). Errors name the file and line."""
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      if path.endswith(".jsonl"):
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); write one JSON object"
-                           " per line.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-          raise ValueError(f"{path}:{line_no}: each line needs a text field 'prompt'"
-                           f" (got {line.strip()[:60]!r}).")
-        records.append(record)
-      else:
-        records.append({"prompt": line.rstrip("\n")})
-  if not records:
-    raise ValueError(f"{path}: no prompts in the file.")
-  return records
-
-
-def load_model(spec: str):
-  """``(config, params, tokenizer source)`` of ``smollm2``, ``gguf:PATH`` or ``hf:DIR``."""
-  if spec == "smollm2":
-    spec = "gguf:" + models.smollm2_gguf_path()
-  kind, _, where = spec.partition(":")
-  loaders = {"gguf": models.load_gguf, "hf": models.load_hf}
-  if kind not in loaders or not where:
-    raise ValueError(f"a model is 'smollm2', 'gguf:PATH' or 'hf:DIR', got {spec!r}.")
-  config, params = loaders[kind](where)
-  return config, params, where
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m jkd.data.preference make ...``: sample, rank and write preference pairs."""
   parser = argparse.ArgumentParser(prog="python -m jkd.data.preference", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   make = sub.add_parser("make", help="sample n completions per prompt, rank, write pairs")
-  make.add_argument("--policy", required=True, help="smollm2 | gguf:PATH | hf:DIR")
+  make.add_argument("--policy", required=True, help="a model spec: smollm2 | gguf:PATH | hf:DIR | random:JSON")
   make.add_argument("--scorer", required=True, choices=sorted(SCORERS))
-  make.add_argument("--teacher", help="teacher_logprob: smollm2 | gguf:PATH | hf:DIR")
+  make.add_argument("--teacher", help="teacher_logprob: a model spec (smollm2 | gguf:PATH | hf:DIR | random:JSON)")
   make.add_argument("--reward-fn", help="reward_fn: module.path:function")
   make.add_argument("--answer-field", default="answer", help="exact_match: reference field")
   make.add_argument("--prompts", required=True, help=".jsonl ({'prompt': ...}) or .txt file")
@@ -596,18 +559,18 @@ def main(argv: Sequence[str] | None = None) -> int:
            "reward_fn": ("reward_fn", "--reward-fn module.path:function")}
   if args.scorer in needs and not getattr(args, needs[args.scorer][0]):
     parser.error(f"--scorer {args.scorer} needs {needs[args.scorer][1]}")
-  prompts = read_prompts(args.prompts)
-  config, params, source = load_model(args.policy)
+  prompts = corpus.read_prompts(args.prompts, keep=True)
+  policy = model_spec.load_model(args.policy)
   options: dict[str, Any] = {}
   if args.scorer == "teacher_logprob":
-    t_config, t_params, _ = ((config, params, None) if args.teacher == args.policy
-                             else load_model(args.teacher))
-    options = {"params": t_params, "config": t_config, "batch_size": args.batch_size}
+    teacher = policy if args.teacher == args.policy else model_spec.load_model(args.teacher)
+    options = {"params": teacher.params, "config": teacher.config,
+               "batch_size": args.batch_size}
   elif args.scorer == "reward_fn":
     options = {"fn": args.reward_fn}
   elif args.scorer == "exact_match":
     options = {"field": args.answer_field}
-  pairs = make_pairs(prompts, policy=(params, config), tokenizer=load_tokenizer(source),
+  pairs = make_pairs(prompts, policy=(policy.params, policy.config), tokenizer=policy.tokenizer,
                      scorer=args.scorer, scorer_options=options, n=args.n,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      seed=args.seed, round_index=args.round, batch_size=args.batch_size,

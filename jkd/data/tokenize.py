@@ -37,8 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
-#: Label of positions without loss (as in :mod:`jkd.losses`).
-IGNORE_INDEX = -100
+from jkd.losses.tokens import IGNORE_INDEX  # noqa: F401  (re-exported: jkd.data.IGNORE_INDEX)
 #: ``overflow`` values: cut long examples (counted) or raise.
 OVERFLOW = ("truncate", "error")
 #: Shapes :func:`tokenize_example` understands (those of :data:`jkd.data.jsonl.SHAPES`).

@@ -19,7 +19,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint", "Checkpointer": "checkpoint",
     "find_checkpoint": "checkpoint", "restore_params": "checkpoint",
     "default_config": "config",
-    "DATA_SOURCES": "sources", "TOKENIZER_SOURCES": "build", "make_sources": "sources",
+    "DATA_SOURCES": "sources", "teacher_model_spec": "build", "make_sources": "sources",
     "UnpairedSource": "sources.pairs", "tokenizer_for": "build",
     "ECE_BINS": "evaluate", "METRIC_NAMES": "evaluate", "eval_metrics": "evaluate",
     "eval_sums": "evaluate", "evaluate_batches": "evaluate", "make_eval_step": "evaluate",

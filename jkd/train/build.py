@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -21,7 +20,7 @@ from jax.sharding import Mesh
 
 from jkd import losses
 from jkd import models
-from jkd.data import teacher_cache
+from jkd.data import model_spec
 from jkd.data import tokenizers
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import sharding
@@ -47,11 +46,6 @@ def _model_fields(section) -> dict[str, Any]:
   return {k: v for k, v in section.to_dict().items() if v is not None}
 
 
-def _hf_model_config(path: str) -> models.ModelConfig:
-  with open(os.path.join(path, "config.json")) as f:
-    return models.ModelConfig.from_hf(json.load(f))
-
-
 def _reshard(params: PyTree, shardings: PyTree) -> PyTree:
   """Loaded parameters into ``shardings`` (via the host: the same values on every process)."""
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
@@ -69,36 +63,54 @@ class TeacherSpec(NamedTuple):
   load: Callable[[PyTree], PyTree] | None
 
 
+def teacher_model_spec(cfg) -> str:
+  """The teacher's model spec (:mod:`jkd.data.model_spec`): ``teacher.source`` as written
+  (``smollm2``, ``gguf:PATH``, ``hf:DIR``), or ``gguf``/``hf`` joined with ``teacher.path``;
+  ``""`` for a ``random`` teacher (of ``teacher.model``).
+
+  Raises:
+    ValueError: an unknown source, or ``gguf``/``hf`` without a path.
+  """
+  source = str(cfg.teacher.source)
+  kind = source.partition(":")[0]
+  if kind not in TEACHER_SOURCES:
+    raise ValueError(f"unknown teacher.source {source!r}; choose one of"
+                     f" {sorted(TEACHER_SOURCES)} (or a model spec such as gguf:PATH).")
+  if source == "random":
+    return ""
+  if source in ("gguf", "hf"):
+    return f"{source}:{_path(cfg.teacher, 'teacher')}"
+  model_spec.parse_spec(source)
+  return source
+
+
 def _gguf(path: str) -> TeacherSpec:
   config, params = models.load_gguf(path)
   return TeacherSpec(config, lambda shardings: _reshard(params, shardings))
 
 
-def _smollm2(cfg) -> TeacherSpec:
-  del cfg
-  return _gguf(models.smollm2_gguf_path())
-
-
-def _hf(cfg) -> TeacherSpec:
-  path = _path(cfg.teacher, "teacher")
-  return TeacherSpec(_hf_model_config(path),
+def _hf(path: str) -> TeacherSpec:
+  return TeacherSpec(model_spec.model_config(f"hf:{path}"),
                      lambda shardings: models.load_hf(path, shardings=shardings)[1])
 
 
-#: ``teacher.source`` -> ``(cfg) -> TeacherSpec``.
-TEACHER_SOURCES: dict[str, Callable[[Any], TeacherSpec]] = {
-    "random": lambda cfg: TeacherSpec(models.ModelConfig(**_model_fields(cfg.teacher.model)),
-                                      None),
-    "hf": _hf,
-    "gguf": lambda cfg: _gguf(_path(cfg.teacher, "teacher")),
-    "smollm2": _smollm2,
+#: The kind of ``teacher.source`` (``random`` or a model spec's kind) -> ``(cfg, spec argument)
+#: -> TeacherSpec``.
+TEACHER_SOURCES: dict[str, Callable[[Any, str], TeacherSpec]] = {
+    "random": lambda cfg, arg: TeacherSpec(
+        models.ModelConfig(**_model_fields(cfg.teacher.model)), None),
+    "hf": lambda cfg, path: _hf(path),
+    "gguf": lambda cfg, path: _gguf(path),
+    "smollm2": lambda cfg, arg: _gguf(models.smollm2_gguf_path()),
 }
 
 
 def teacher_spec(cfg) -> TeacherSpec:
   """The ``teacher.source`` teacher's config (compute dtype ``teacher.dtype``) and loader."""
-  spec = _choose(TEACHER_SOURCES, cfg.teacher.source, "teacher.source")(cfg)
-  return spec._replace(config=spec.config.replace(dtype=cfg.teacher.dtype))
+  spec = teacher_model_spec(cfg)
+  kind, arg = model_spec.parse_spec(spec) if spec else ("random", "")
+  built = TEACHER_SOURCES[kind](cfg, arg)
+  return built._replace(config=built.config.replace(dtype=cfg.teacher.dtype))
 
 
 class Teacher(NamedTuple):
@@ -195,7 +207,7 @@ STUDENT_SOURCES: dict[str, StudentSource] = {
     "layers": StudentSource(_layers_config, _layers_params),
     "random": StudentSource(
         lambda cfg, t, path: t.replace(**_model_fields(cfg.student.model)), _random_params),
-    "hf": StudentSource(lambda cfg, t, path: _hf_model_config(path),
+    "hf": StudentSource(lambda cfg, t, path: model_spec.model_config(f"hf:{path}"),
                         lambda cfg, c, t, path, sh, key: models.load_hf(path, shardings=sh)[1]),
     "checkpoint": StudentSource(_checkpoint_config, _checkpoint_params),
 }
@@ -294,32 +306,23 @@ def _no_tokenizer(cfg):
                    " (data.shape='tokenized', data.source='npz' or 'synthetic').")
 
 
-#: ``teacher.source`` -> ``cfg -> tokenizer`` (the teacher's; :func:`jkd.models.load_tokenizer`
-#: reads a GGUF file or a Hugging Face directory).
-TOKENIZER_SOURCES: dict[str, Callable[[Any], Any]] = {
-    "smollm2": lambda cfg: models.load_tokenizer(models.smollm2_gguf_path()),
-    "gguf": lambda cfg: models.load_tokenizer(os.path.expanduser(cfg.teacher.path)),
-    "hf": lambda cfg: models.load_tokenizer(os.path.expanduser(cfg.teacher.path)),
-    "random": _no_tokenizer,
-}
-
-
 def tokenizer_for(cfg):
-  """The teacher's ``transformers`` tokenizer (``teacher.source`` smollm2, gguf or hf; or a
-  character-level one of ``teacher.model.vocab_size`` ids when ``teacher.tokenizer='char'``).
+  """The teacher's ``transformers`` tokenizer (from its model spec, :func:`teacher_model_spec`;
+  or a character-level one of ``teacher.model.vocab_size`` ids when ``teacher.tokenizer='char'``).
 
   Raises:
     ValueError: a ``random`` teacher (no tokenizer) or an unknown source.
   """
   if cfg.teacher.get("tokenizer") == "char":
-    return teacher_cache.char_tokenizer(int(cfg.teacher.model.vocab_size))
+    return model_spec.char_tokenizer(int(cfg.teacher.model.vocab_size))
   if cfg.teacher.get("tokenizer"):
     raise ValueError(f"unknown teacher.tokenizer {cfg.teacher.tokenizer!r}; use '' (the"
                      " teacher's own) or 'char'.")
-  if cfg.teacher.source not in TOKENIZER_SOURCES:
-    raise ValueError(f"unknown teacher.source {cfg.teacher.source!r}; choose one of"
-                     f" {sorted(TOKENIZER_SOURCES)}.")
-  return TOKENIZER_SOURCES[cfg.teacher.source](cfg)
+  spec = teacher_model_spec(cfg)
+  if not spec:
+    _no_tokenizer(cfg)
+  kind, arg = model_spec.parse_spec(spec)
+  return models.load_tokenizer(models.smollm2_gguf_path() if kind == "smollm2" else arg)
 
 
 #: Objective terms that compare teacher and student without a shared vocabulary.

@@ -8,8 +8,9 @@ Keys:
 
 ``seed``                   init of random models; the per-step key is ``fold_in(seed key, step)``
 ``teacher.source``         ``random`` (``teacher.model``), ``hf`` (``path``: a Hugging Face
-                           directory), ``gguf`` (``path``: a ``.gguf`` file) or ``smollm2``
-                           (the packaged SmolLM2-135M-Instruct GGUF)
+                           directory), ``gguf`` (``path``: a ``.gguf`` file), ``smollm2``
+                           (the packaged SmolLM2-135M-Instruct GGUF), or a model spec
+                           (:mod:`jkd.data.model_spec`: ``gguf:PATH``, ``hf:DIR``)
 ``teacher.model.*``        :class:`jkd.models.ModelConfig` fields of a ``random`` teacher
 ``teacher.dtype``          compute dtype; ``teacher.param_dtype``: ``bfloat16`` stores the frozen
                            teacher in bf16

@@ -2,7 +2,7 @@
 
 Before the first batch, every training example is scored by ``avg log p_teacher - avg log
 p_reference`` with the small reference model ``data.select_reference`` (a
-:func:`jkd.data.teacher_cache.load_teacher` spec: ``smollm2``, ``gguf:PATH``, ``hf:DIR`` or
+:func:`jkd.data.model_spec.load_model` spec: ``smollm2``, ``gguf:PATH``, ``hf:DIR`` or
 ``random:{json}``; same tokenizer as the teacher), and the top ``data.select_fraction`` are kept
 (:func:`jkd.data.miniplm_select`). Limits: the examples must be in memory (``data.source``
 ``synthetic`` or ``npz``: a :class:`~jkd.data.ArraySource`); the scores are recomputed,
@@ -18,7 +18,7 @@ import numpy as np
 
 from jkd import models
 from jkd.data import selection
-from jkd.data import teacher_cache
+from jkd.data import model_spec
 from jkd.data.arrays import ArraySource
 from jkd.data.source import BatchSource
 
@@ -31,7 +31,7 @@ class SelectedSource(BatchSource):
   Args:
     source: the ArraySource of all training examples.
     reference: ``(params, config)`` of the small reference model, or a
-      :func:`jkd.data.teacher_cache.load_teacher` spec string (loaded when needed).
+      :func:`jkd.data.model_spec.load_model` spec string (loaded when needed).
     fraction: share kept (0.5).
     batch_size: documents per scoring forward pass.
   """
@@ -57,7 +57,7 @@ class SelectedSource(BatchSource):
     del student_config
     reference = self.reference
     if isinstance(reference, str):
-      loaded = teacher_cache.load_teacher(reference)
+      loaded = model_spec.load_model(reference)
       reference = (loaded.params, loaded.config)
     if reference[1].vocab_size != teacher_config.vocab_size:
       raise ValueError(f"data.select_reference has vocabulary {reference[1].vocab_size}, the"
