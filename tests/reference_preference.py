@@ -1,4 +1,4 @@
-"""Float64 NumPy references for the preference losses (jkd.losses.preference and .alignment).
+"""Float64 NumPy references for the preference losses (jkd.losses.sequences, .dpo, .reference_free and .aligned_teacher).
 
 Written from docs/methods.md §8-§10 and TRL's definitions of its DPO ``loss_type``s, independently
 of the library's code: no JAX, no imports from jkd, loops where that makes a definition plainer.

@@ -1,6 +1,6 @@
-"""Reference-free and distillation-flavoured preference losses (jkd.losses.alignment): SimPO,
-CPO, ORPO, KTO, REDI, DCKD and ADPA against the float64 NumPy references of
-reference_preference.py, under ``jax.jit`` with options bound by closures.
+"""Reference-free and distillation-flavoured preference losses (jkd.losses.reference_free, .dpo,
+.aligned_teacher): SimPO, CPO, ORPO, KTO, REDI, DCKD and ADPA against the float64 NumPy
+references of reference_preference.py, under ``jax.jit`` with options bound by closures.
 
 (``preference_loss`` and ``preference_metrics`` are tested in test_preference.py.)
 """
@@ -17,24 +17,26 @@ import pytest
 from jax.test_util import check_grads
 
 import reference_preference as rp
-from jkd.losses import alignment
-from jkd.losses import preference
+from jkd.losses import aligned_teacher
+from jkd.losses import dpo
+from jkd.losses import reference_free
 
 B = 8
 
 #: (case id, library function, reference function, options) of the losses of two [B] arrays
 #: (averaged log-probs for SimPO, ORPO, REDI; CPO's are summed, the domain is the same).
 PAIR_CASES = [
-    ("simpo", alignment.simpo_loss, rp.simpo_loss, {}),
-    ("simpo-ls0.1", alignment.simpo_loss, rp.simpo_loss,
+    ("simpo", reference_free.simpo_loss, rp.simpo_loss, {}),
+    ("simpo-ls0.1", reference_free.simpo_loss, rp.simpo_loss,
      {"beta": 2.5, "gamma_beta_ratio": 0.5, "label_smoothing": 0.1}),
-    ("simpo-gamma0", alignment.simpo_loss, rp.simpo_loss, {"beta": 1.0, "gamma_beta_ratio": 0.0}),
-    ("cpo", alignment.cpo_loss, rp.cpo_loss, {}),
-    ("cpo-ls0.1-b0.5", alignment.cpo_loss, rp.cpo_loss, {"beta": 0.5, "label_smoothing": 0.1}),
-    ("orpo", alignment.orpo_loss, rp.orpo_loss, {}),
-    ("orpo-lam0.5", alignment.orpo_loss, rp.orpo_loss, {"lam": 0.5}),
-    ("redi", alignment.redi_loss, rp.redi_loss, {}),
-    ("redi-c0.5-0.2", alignment.redi_loss, rp.redi_loss, {"c_pos": 0.5, "c_neg": 0.2}),
+    ("simpo-gamma0", reference_free.simpo_loss, rp.simpo_loss,
+     {"beta": 1.0, "gamma_beta_ratio": 0.0}),
+    ("cpo", reference_free.cpo_loss, rp.cpo_loss, {}),
+    ("cpo-ls0.1-b0.5", reference_free.cpo_loss, rp.cpo_loss, {"beta": 0.5, "label_smoothing": 0.1}),
+    ("orpo", reference_free.orpo_loss, rp.orpo_loss, {}),
+    ("orpo-lam0.5", reference_free.orpo_loss, rp.orpo_loss, {"lam": 0.5}),
+    ("redi", reference_free.redi_loss, rp.redi_loss, {}),
+    ("redi-c0.5-0.2", reference_free.redi_loss, rp.redi_loss, {"c_pos": 0.5, "c_neg": 0.2}),
 ]
 PAIR_IDS = [c[0] for c in PAIR_CASES]
 
@@ -104,8 +106,8 @@ def test_check_grads_float64(rng):
     nll = jnp.asarray(rng.uniform(0.5, 2.0, 4))
     f = lambda a, b, n: jnp.stack(
         [fn(a, b, **options) for _, fn, _, options in PAIR_CASES]
-        + [alignment.cpo_loss(a, b, chosen_nll=n, alpha=0.5),
-           alignment.orpo_loss(a, b, chosen_nll=n)])
+        + [reference_free.cpo_loss(a, b, chosen_nll=n, alpha=0.5),
+           reference_free.orpo_loss(a, b, chosen_nll=n)])
     assert f(pc, pr, nll).dtype == jnp.float64
     check_grads(f, (pc, pr, nll), order=1, modes=["rev"])
 
@@ -120,14 +122,14 @@ def test_simpo_without_margin_is_reference_free_sigmoid_on_averages(rng):
 
   @jax.jit
   def run(a, b):
-    return (alignment.simpo_loss(a, b, beta=2.0, gamma_beta_ratio=0.0),
-            preference.sigmoid_norm_loss(a, b, z, z, beta=2.0),
-            preference.dpo_loss(a, b, z, z, beta=2.0))
-  simpo, norm, dpo = run(pc, pr)
+    return (reference_free.simpo_loss(a, b, beta=2.0, gamma_beta_ratio=0.0),
+            dpo.sigmoid_norm_loss(a, b, z, z, beta=2.0),
+            dpo.dpo_loss(a, b, z, z, beta=2.0))
+  simpo, norm, plain = run(pc, pr)
   np.testing.assert_allclose(simpo, norm, rtol=1e-6)
-  np.testing.assert_allclose(simpo, dpo, rtol=1e-6)
+  np.testing.assert_allclose(simpo, plain, rtol=1e-6)
   # The margin gamma = beta * ratio shifts the argument: simpo(pc, pr) = simpo0(pc - ratio, pr).
-  shifted = jax.jit(functools.partial(alignment.simpo_loss, beta=2.0, gamma_beta_ratio=0.3))
+  shifted = jax.jit(functools.partial(reference_free.simpo_loss, beta=2.0, gamma_beta_ratio=0.3))
   np.testing.assert_allclose(shifted(pc, pr), run(pc - 0.3, pr)[0], rtol=1e-5)
 
 
@@ -135,7 +137,7 @@ def test_cpo_nll_term(rng):
   pc, pr = avg_logps(rng)
   nll = rng.uniform(0.5, 2.0, B).astype(np.float32)
   f = jax.jit(jax.value_and_grad(
-      lambda a, b, n: jnp.sum(alignment.cpo_loss(a, b, beta=0.2, label_smoothing=0.1,
+      lambda a, b, n: jnp.sum(reference_free.cpo_loss(a, b, beta=0.2, label_smoothing=0.1,
                                                  chosen_nll=n, alpha=0.5)), argnums=(0, 1, 2)))
   value, (g_pc, g_pr, g_nll) = f(pc, pr, nll)
   ref = functools.partial(rp.cpo_loss, beta=0.2, label_smoothing=0.1, alpha=0.5)
@@ -144,30 +146,30 @@ def test_cpo_nll_term(rng):
   assert_close(g_pc, rp.numerical_grad(lambda x: ref(x, pr, chosen_nll=nll), pc), rtol=1e-4)
   assert_close(g_pr, rp.numerical_grad(lambda x: ref(pc, x, chosen_nll=nll), pr), rtol=1e-4)
   # alpha scales it; without chosen_nll the preference term alone.
-  plain = jax.jit(functools.partial(alignment.cpo_loss, beta=0.2))(pc, pr)
+  plain = jax.jit(functools.partial(reference_free.cpo_loss, beta=0.2))(pc, pr)
   assert_close(plain, rp.cpo_loss(pc, pr, beta=0.2))
 
 
 def test_orpo_equal_completions_penalty_is_lam_log2(rng):
   lc, _ = avg_logps(rng)
   for lam in (0.1, 0.7):
-    f = jax.jit(functools.partial(alignment.orpo_loss, lam=lam))
+    f = jax.jit(functools.partial(reference_free.orpo_loss, lam=lam))
     assert_close(f(lc, lc), -rp.f64(lc) + lam * math.log(2), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(jax.jit(alignment.orpo_log_odds_ratio)(lc, lc), 0.0, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(reference_free.orpo_log_odds_ratio)(lc, lc), 0.0, atol=1e-6)
 
 
 def test_orpo_log_odds_ratio_and_nll(rng):
   lc, lr = avg_logps(rng)
-  got = jax.jit(alignment.orpo_log_odds_ratio)(lc, lr)
+  got = jax.jit(reference_free.orpo_log_odds_ratio)(lc, lr)
   assert_close(got, rp.orpo_log_odds_ratio(lc, lr), rtol=1e-5, atol=1e-5)
   ext_c, ext_r = extreme_pair()
-  assert_close(jax.jit(alignment.orpo_log_odds_ratio)(ext_c, ext_r),
+  assert_close(jax.jit(reference_free.orpo_log_odds_ratio)(ext_c, ext_r),
                rp.orpo_log_odds_ratio(ext_c, ext_r), rtol=1e-5, atol=1e-3)
   nll = rng.uniform(0.5, 2.0, B).astype(np.float32)
-  f = jax.jit(functools.partial(alignment.orpo_loss, lam=0.3))
+  f = jax.jit(functools.partial(reference_free.orpo_loss, lam=0.3))
   assert_close(f(lc, lr, chosen_nll=nll), rp.orpo_loss(lc, lr, lam=0.3, chosen_nll=nll))
   # lam = 0: the NLL alone.
-  assert_close(jax.jit(functools.partial(alignment.orpo_loss, lam=0.0))(lc, lr), -rp.f64(lc))
+  assert_close(jax.jit(functools.partial(reference_free.orpo_loss, lam=0.0))(lc, lr), -rp.f64(lc))
 
 
 def test_orpo_probability_one_is_clipped():
@@ -175,7 +177,7 @@ def test_orpo_probability_one_is_clipped():
   gradients, equal to the value at -1e-7."""
   lc = np.array([0.0, -1e-7, -0.5], np.float32)
   lr = np.array([-2.0, 0.0, 0.0], np.float32)
-  f = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(alignment.orpo_loss(a, b))))
+  f = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(reference_free.orpo_loss(a, b))))
   value, grad = f(lc, lr)
   assert np.isfinite(value) and np.isfinite(grad).all()
   clipped = np.minimum(lc, -1e-7), np.minimum(lr, -1e-7)
@@ -185,7 +187,7 @@ def test_orpo_probability_one_is_clipped():
 
 def test_redi_grads_are_the_weights(rng):
   pos, neg = avg_logps(rng)
-  g = jax.jit(jax.grad(lambda a, b: jnp.sum(alignment.redi_loss(a, b, c_pos=0.7, c_neg=0.3)),
+  g = jax.jit(jax.grad(lambda a, b: jnp.sum(reference_free.redi_loss(a, b, c_pos=0.7, c_neg=0.3)),
                        argnums=(0, 1)))(pos, neg)
   np.testing.assert_allclose(g[0], -0.7)
   np.testing.assert_allclose(g[1], 0.3)
@@ -195,31 +197,31 @@ def test_reference_free_bad_input(rng):
   pc, pr = avg_logps(rng)
   with pytest.raises(ValueError, match=r"policy_rejected_logps has shape \(7,\) but"
                      r" policy_chosen_logps has \(8,\)"):
-    alignment.simpo_loss(pc, pr[1:])
+    reference_free.simpo_loss(pc, pr[1:])
   with pytest.raises(ValueError, match=r"policy_rejected_logps has shape"):
-    alignment.orpo_loss(pc, pr[1:])
+    reference_free.orpo_loss(pc, pr[1:])
   with pytest.raises(ValueError, match=r"negative_logps has shape"):
-    alignment.redi_loss(pc, pr[1:])
+    reference_free.redi_loss(pc, pr[1:])
   with pytest.raises(ValueError, match="beta must be > 0"):
-    alignment.simpo_loss(pc, pr, beta=0.0)
+    reference_free.simpo_loss(pc, pr, beta=0.0)
   with pytest.raises(ValueError, match="beta must be > 0"):
-    alignment.cpo_loss(pc, pr, beta=-1.0)
+    reference_free.cpo_loss(pc, pr, beta=-1.0)
   with pytest.raises(ValueError, match="gamma_beta_ratio must be finite"):
-    alignment.simpo_loss(pc, pr, gamma_beta_ratio=float("nan"))
-  for fn in (alignment.simpo_loss, alignment.cpo_loss):
+    reference_free.simpo_loss(pc, pr, gamma_beta_ratio=float("nan"))
+  for fn in (reference_free.simpo_loss, reference_free.cpo_loss):
     with pytest.raises(ValueError, match=r"label_smoothing must be <= 0.5 \(got 0.7\)"):
       fn(pc, pr, label_smoothing=0.7)
     with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\]"):
       fn(pc, pr, label_smoothing=-0.1)
   with pytest.raises(ValueError, match=r"chosen_nll shape \(7,\) != log-probs shape \(8,\)"):
-    alignment.cpo_loss(pc, pr, chosen_nll=pc[1:])
+    reference_free.cpo_loss(pc, pr, chosen_nll=pc[1:])
   with pytest.raises(ValueError, match=r"chosen_nll has shape \(1,\) but policy_chosen_logps"
                      r" has \(8,\)"):
-    alignment.orpo_loss(pc, pr, chosen_nll=pc[:1])
+    reference_free.orpo_loss(pc, pr, chosen_nll=pc[:1])
   with pytest.raises(ValueError, match="lam must be > 0"):
-    alignment.orpo_loss(pc, pr, lam=-0.1)
+    reference_free.orpo_loss(pc, pr, lam=-0.1)
   with pytest.raises(TypeError, match="positive_logps must be a floating-point array"):
-    alignment.redi_loss(np.arange(3), np.arange(3))
+    reference_free.redi_loss(np.arange(3), np.arange(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def kto_inputs(rng):
 
 def test_kto_kl_estimate(rng):
   p = rng.uniform(-60.0, -5.0, B).astype(np.float32)
-  f = jax.jit(alignment.kto_kl_estimate)
+  f = jax.jit(dpo.kto_kl_estimate)
   for shift in (3.0, -3.0):  # a positive mean, and a negative one (clipped to 0)
     r = (p - shift + rng.uniform(-1, 1, B)).astype(np.float32)
     assert_close(f(p, r), rp.kto_kl_estimate(p, r), rtol=1e-5, atol=1e-6)
@@ -252,8 +254,8 @@ def test_kto_matches_reference(extreme, rng):
   kl = 0.75
   options = {"beta": 0.2, "desirable_weight": 1.0, "undesirable_weight": 1.33}
   f = jax.jit(jax.value_and_grad(
-      lambda p, r, d: (jnp.sum(alignment.kto_loss(p, r, d, kl=kl, **options)),
-                       alignment.kto_loss(p, r, d, kl=kl, **options)), has_aux=True))
+      lambda p, r, d: (jnp.sum(dpo.kto_loss(p, r, d, kl=kl, **options)),
+                       dpo.kto_loss(p, r, d, kl=kl, **options)), has_aux=True))
   (_, values), grad = f(policy, ref, desirable)
   want = functools.partial(rp.kto_loss, desirable=desirable, kl=kl, **options)
   assert_close(values, want(policy, ref), rtol=1e-5, atol=1e-6)
@@ -263,7 +265,7 @@ def test_kto_matches_reference(extreme, rng):
 def test_kto_with_zero_reference_point(rng):
   """z = 0: desirable ``1 - s(beta r)``, undesirable ``s(beta r)``; they sum to 1."""
   policy, ref, _ = kto_inputs(rng)
-  f = jax.jit(functools.partial(alignment.kto_loss, kl=0.0, beta=0.3))
+  f = jax.jit(functools.partial(dpo.kto_loss, kl=0.0, beta=0.3))
   good = f(policy, ref, np.ones(B, bool))
   bad = f(policy, ref, np.zeros(B, bool))
   r = rp.f64(policy) - ref
@@ -281,9 +283,9 @@ def test_kto_reference_point_gets_no_gradient(rng):
   @jax.jit
   def grads(p, kp):
     def loss(p, kp):
-      z = alignment.kto_kl_estimate(kp, kl_r)
-      return jnp.sum(alignment.kto_loss(p, ref, desirable, kl=z))
-    through_kl = jax.grad(lambda p: jnp.sum(alignment.kto_loss(
+      z = dpo.kto_kl_estimate(kp, kl_r)
+      return jnp.sum(dpo.kto_loss(p, ref, desirable, kl=z))
+    through_kl = jax.grad(lambda p: jnp.sum(dpo.kto_loss(
         p, ref, desirable, kl=jnp.mean(p - ref))))(p)
     return jax.grad(loss, argnums=(0, 1))(p, kp), through_kl
   (g_p, g_kp), through_kl = grads(policy, kl_p)
@@ -299,15 +301,15 @@ def test_kto_reference_point_gets_no_gradient(rng):
 def test_kto_bad_input(rng):
   policy, ref, desirable = kto_inputs(rng)
   with pytest.raises(ValueError, match="desirable must be a bool array of shape"):
-    alignment.kto_loss(policy, ref, desirable.astype(np.int32), kl=0.0)
+    dpo.kto_loss(policy, ref, desirable.astype(np.int32), kl=0.0)
   with pytest.raises(ValueError, match="desirable must be a bool array of shape"):
-    alignment.kto_loss(policy, ref, desirable[1:], kl=0.0)
+    dpo.kto_loss(policy, ref, desirable[1:], kl=0.0)
   with pytest.raises(ValueError, match=r"ref_logps has shape \(7,\)"):
-    alignment.kto_loss(policy, ref[1:], desirable, kl=0.0)
+    dpo.kto_loss(policy, ref[1:], desirable, kl=0.0)
   with pytest.raises(ValueError, match="beta must be > 0"):
-    alignment.kto_loss(policy, ref, desirable, kl=0.0, beta=0.0)
+    dpo.kto_loss(policy, ref, desirable, kl=0.0, beta=0.0)
   with pytest.raises(ValueError, match=r"ref_kl_logps has shape"):
-    alignment.kto_kl_estimate(policy, ref[1:])
+    dpo.kto_kl_estimate(policy, ref[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +346,8 @@ def test_dckd_matches_reference(rng):
   @jax.jit
   def run(zc, zr):
     def loss(zc, zr):
-      values = alignment.dckd_loss(zc, yc, alignment.SparseTeacher(ic, lc), zr, yr,
-                                   alignment.SparseTeacher(ir, lr), kd_weight=w)
+      values = aligned_teacher.dckd_loss(zc, yc, aligned_teacher.SparseTeacher(ic, lc), zr, yr,
+                                   aligned_teacher.SparseTeacher(ir, lr), kd_weight=w)
       return jnp.sum(values), values
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(zc, zr)
   (_, values), (g_c, g_r) = run(zc, zr)
@@ -360,8 +362,8 @@ def test_dckd_with_teacher_equal_to_student_is_nll(rng):
   """k = V and the teacher equal to the student: the KL terms vanish, the loss is the NLL."""
   (zc, yc, _, _), (zr, yr, _, _) = dckd_inputs(rng)
   ids = np.broadcast_to(np.arange(D_V, dtype=np.int32), (D_B, D_T, D_V))
-  teach = lambda z: alignment.SparseTeacher(ids, rp.log_softmax(z).astype(np.float32))
-  out = jax.jit(lambda a, b: alignment.dckd_loss(a, yc, teach(zc), b, yr, teach(zr)))(zc, zr)
+  teach = lambda z: aligned_teacher.SparseTeacher(ids, rp.log_softmax(z).astype(np.float32))
+  out = jax.jit(lambda a, b: aligned_teacher.dckd_loss(a, yc, teach(zc), b, yr, teach(zr)))(zc, zr)
   _, mean, _ = rp.sequence_logprobs(zc, yc)
   assert_close(out, -mean, rtol=1e-5, atol=1e-5)
 
@@ -381,7 +383,7 @@ def adpa_inputs(rng):
 
 def _adpa_value_and_grad():
   def f(z, ids, lp, lr, where):
-    values = alignment.adpa_advantage_loss(z, ids, lp, lr, where=where)
+    values = aligned_teacher.adpa_advantage_loss(z, ids, lp, lr, where=where)
     return jnp.sum(values), values
   return jax.jit(jax.value_and_grad(f, has_aux=True))
 
@@ -395,7 +397,7 @@ def test_adpa_matches_reference(rng):
   np.testing.assert_array_equal(np.asarray(values)[~where], 0.0)
   assert_close(grad, rp.numerical_grad(ref, zs), rtol=1e-4, atol=1e-6)
   # Without a mask every position counts.
-  out = jax.jit(alignment.adpa_advantage_loss)(zs, ids, lp, lr)
+  out = jax.jit(aligned_teacher.adpa_advantage_loss)(zs, ids, lp, lr)
   assert_close(out, rp.adpa_advantage(zs, ids, lp, lr), rtol=1e-5, atol=1e-6)
 
 
@@ -414,13 +416,13 @@ def test_adpa_garbage_at_masked_positions(rng):
     assert np.isfinite(np.asarray(a)).all()
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # Eagerly, ids at masked positions are not checked either.
-  eager = alignment.adpa_advantage_loss(zs2, ids2, lp2, lr2, where=where)
+  eager = aligned_teacher.adpa_advantage_loss(zs2, ids2, lp2, lr2, where=where)
   np.testing.assert_allclose(eager, clean[0][1], rtol=1e-6, atol=1e-7)
 
 
 def test_adpa_bad_input(rng):
   zs, ids, lp, lr, where = adpa_inputs(rng)
-  f = alignment.adpa_advantage_loss
+  f = aligned_teacher.adpa_advantage_loss
   with pytest.raises(ValueError, match=r"teacher_ids \(2, 4, 3\), teacher_logprobs \(2, 4, 2\)"):
     f(zs, ids, lp[..., :2], lr)
   with pytest.raises(ValueError, match=r"must all be \(2, 4\) \+ \(k,\)"):

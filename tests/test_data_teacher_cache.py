@@ -184,7 +184,7 @@ def test_check_cache_and_cli_npz(tiny, rng, tmp_path):
 
 
 def test_text_dataset_examples(tiny, tmp_path):
-  """A prompt_completion dataset, tokenized through jkd.data.tokenize, then cached."""
+  """A prompt_completion dataset, tokenized through jkd.data.examples, then cached."""
   from jkd.data import store
   config, params = tiny
   feats = {f: store.text_feature() for f in ("prompt", "completion", "domain")}

@@ -1,5 +1,5 @@
-"""Sequence log-probs and TRL's DPO loss types (jkd.losses.preference), their combination
-(``preference_loss``) and metrics, against the float64 NumPy references of
+"""Sequence log-probs and TRL's DPO loss types (jkd.losses.sequences, jkd.losses.dpo), their
+combination (``preference_loss``) and metrics, against the float64 NumPy references of
 reference_preference.py.
 
 Every library function runs under ``jax.jit``, options bound by closures. Gradients are taken
@@ -18,8 +18,8 @@ import pytest
 from jax.test_util import check_grads
 
 import reference_preference as rp
-from jkd.losses import alignment
-from jkd.losses import preference
+from jkd.losses import dpo
+from jkd.losses import sequences
 
 B = 8  # pairs in the random batches (as many as extreme_four(): one compilation)
 NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
@@ -27,21 +27,21 @@ NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
 
 #: TRL loss type -> the library function.
 LIB = {
-    "sigmoid": preference.dpo_loss,
-    "robust": preference.robust_dpo_loss,
-    "ipo": preference.ipo_loss,
-    "hinge": preference.hinge_loss,
-    "exo_pair": preference.exo_pair_loss,
-    "nca_pair": preference.nca_pair_loss,
-    "bco_pair": preference.bco_pair_loss,
-    "sppo_hard": preference.sppo_hard_loss,
-    "aot": preference.aot_loss,
-    "aot_unpaired": preference.aot_unpaired_loss,
-    "apo_zero": preference.apo_zero_loss,
-    "apo_down": preference.apo_down_loss,
-    "discopop": preference.discopop_loss,
-    "sigmoid_norm": preference.sigmoid_norm_loss,
-    "sft": preference.sft_loss,
+    "sigmoid": dpo.dpo_loss,
+    "robust": dpo.robust_dpo_loss,
+    "ipo": dpo.ipo_loss,
+    "hinge": dpo.hinge_loss,
+    "exo_pair": dpo.exo_pair_loss,
+    "nca_pair": dpo.nca_pair_loss,
+    "bco_pair": dpo.bco_pair_loss,
+    "sppo_hard": dpo.sppo_hard_loss,
+    "aot": dpo.aot_loss,
+    "aot_unpaired": dpo.aot_unpaired_loss,
+    "apo_zero": dpo.apo_zero_loss,
+    "apo_down": dpo.apo_down_loss,
+    "discopop": dpo.discopop_loss,
+    "sigmoid_norm": dpo.sigmoid_norm_loss,
+    "sft": dpo.sft_loss,
 }
 WITH_BETA = [n for n in LIB if n != "sft"]
 
@@ -131,7 +131,7 @@ def ref_grads(name, options, pc, pr, rc, rr):
 # ----------------------------------------------------------------------------------------------
 
 def test_every_trl_type_is_covered():
-  assert set(LIB) == set(rp.TRL_LOSSES) == set(alignment.PREFERENCE_LOSSES)
+  assert set(LIB) == set(rp.TRL_LOSSES) == set(dpo.PREFERENCE_LOSSES)
   assert {c[1] for c in CASES} == set(LIB)
 
 
@@ -163,7 +163,7 @@ def test_dpo_grad_is_the_analytic_one(rng):
   """``d/dpc = -beta [(1-e) s(-beta h) - e s(beta h)] = -d/dpr`` and ``-d/drc``."""
   pc, pr, rc, rr = four_logps(rng)
   beta, e = 0.3, 0.15
-  f = jax.jit(jax.grad(lambda *a: jnp.sum(preference.dpo_loss(*a, beta=beta, label_smoothing=e)),
+  f = jax.jit(jax.grad(lambda *a: jnp.sum(dpo.dpo_loss(*a, beta=beta, label_smoothing=e)),
                        argnums=(0, 1, 2, 3)))
   grads = f(pc, pr, rc, rr)
   h = (rp.f64(pc) - rc) - (rp.f64(pr) - rr)
@@ -187,7 +187,7 @@ def test_check_grads_float64(rng):
 
 def test_bf16_inputs_compute_in_float32(rng):
   args = [jnp.asarray(x, jnp.bfloat16) for x in four_logps(rng)]
-  out = jax.jit(functools.partial(preference.dpo_loss, beta=0.1))(*args)
+  out = jax.jit(functools.partial(dpo.dpo_loss, beta=0.1))(*args)
   assert out.dtype == jnp.float32
   assert_close(out, rp.sigmoid_loss(*[np.asarray(a, np.float32) for a in args]), rtol=1e-5)
 
@@ -198,9 +198,9 @@ def test_bf16_inputs_compute_in_float32(rng):
 
 def test_robust_with_zero_noise_is_dpo(rng):
   args = four_logps(rng)
-  robust = jax.jit(functools.partial(preference.robust_dpo_loss, beta=0.2, label_smoothing=0.0))
-  dpo = jax.jit(functools.partial(preference.dpo_loss, beta=0.2))
-  np.testing.assert_allclose(robust(*args), dpo(*args), rtol=1e-6)
+  robust = jax.jit(functools.partial(dpo.robust_dpo_loss, beta=0.2, label_smoothing=0.0))
+  plain = jax.jit(functools.partial(dpo.dpo_loss, beta=0.2))
+  np.testing.assert_allclose(robust(*args), plain(*args), rtol=1e-6)
 
 
 def test_robust_is_unbiased_under_label_flips(rng):
@@ -208,21 +208,21 @@ def test_robust_is_unbiased_under_label_flips(rng):
   is the clean DPO loss."""
   pc, pr, rc, rr = four_logps(rng)
   e = 0.3
-  robust = jax.jit(functools.partial(preference.robust_dpo_loss, beta=0.2, label_smoothing=e))
+  robust = jax.jit(functools.partial(dpo.robust_dpo_loss, beta=0.2, label_smoothing=e))
   expected = (1 - e) * robust(pc, pr, rc, rr) + e * robust(pr, pc, rr, rc)
   assert_close(expected, rp.sigmoid_loss(pc, pr, rc, rr, beta=0.2), rtol=1e-5)
 
 
 def test_cdpo_with_half_smoothing_is_symmetric(rng):
   pc, pr, rc, rr = four_logps(rng)
-  f = jax.jit(functools.partial(preference.dpo_loss, beta=0.2, label_smoothing=0.5))
+  f = jax.jit(functools.partial(dpo.dpo_loss, beta=0.2, label_smoothing=0.5))
   np.testing.assert_allclose(f(pc, pr, rc, rr), f(pr, pc, rr, rc), rtol=1e-6)
   assert np.all(np.asarray(f(pc, pr, rc, rr)) >= math.log(2) - 1e-6)  # minimum at h = 0
 
 
 def test_exo_swapping_the_pair_swaps_the_smoothing(rng):
   pc, pr, rc, rr = four_logps(rng)
-  exo = lambda e: jax.jit(functools.partial(preference.exo_pair_loss, beta=0.2,
+  exo = lambda e: jax.jit(functools.partial(dpo.exo_pair_loss, beta=0.2,
                                             label_smoothing=e))
   assert_close(exo(0.3)(pc, pr, rc, rr), exo(0.7)(pr, pc, rr, rc), rtol=1e-5, atol=1e-6)
   # A KL divergence: >= 0, and 0 at h = 0 with e = 1/2.
@@ -246,14 +246,14 @@ def test_zero_margins():
     np.testing.assert_allclose(LIB[name](z, z, z, z, **kwargs), want, rtol=1e-6, err_msg=name)
   # IPO is 0 at its target margin 1 / (2 beta).
   one = jnp.full(2, 1 / (2 * beta))
-  np.testing.assert_allclose(preference.ipo_loss(one, z, z, z, beta=beta), 0.0, atol=1e-7)
+  np.testing.assert_allclose(dpo.ipo_loss(one, z, z, z, beta=beta), 0.0, atol=1e-7)
 
 
 def test_aot_sorts_over_the_batch(rng):
   """AOT compares quantiles: permuting the pairs does not change the (sorted) losses."""
   args = four_logps(rng)
   perm = rng.permutation(B)
-  for fn in (preference.aot_loss, preference.aot_unpaired_loss):
+  for fn in (dpo.aot_loss, dpo.aot_unpaired_loss):
     f = jax.jit(functools.partial(fn, beta=0.2))
     np.testing.assert_allclose(f(*args), f(*[a[perm] for a in args]), rtol=1e-6)
 
@@ -282,11 +282,11 @@ def seq_inputs(rng, b=SEQ_B, t=SEQ_T, v=SEQ_V):
 def test_sequence_logprobs_match_reference(masked, temperature, rng):
   logits, labels, where = seq_inputs(rng)
   where = where if masked else None
-  f = jax.jit(functools.partial(preference.sequence_logprobs, temperature=temperature))
+  f = jax.jit(functools.partial(sequences.sequence_logprobs, temperature=temperature))
   out = f(logits, labels, where=where)
   total, mean, count = rp.sequence_logprobs(logits, labels, where=where,
                                             temperature=temperature)
-  assert isinstance(out, preference.SequenceLogprobs)
+  assert isinstance(out, sequences.SequenceLogprobs)
   assert out.sum.shape == out.mean.shape == out.count.shape == (SEQ_B,)
   assert_close(out.sum, total, rtol=1e-5, atol=1e-5)
   assert_close(out.mean, mean, rtol=1e-5, atol=1e-5)
@@ -297,7 +297,7 @@ def test_sequence_logprobs_mask_equivalence(rng):
   """Masking positions with ``where`` equals dropping them, and equals ``ignore_index``."""
   logits, labels, _ = seq_inputs(rng)
   keep = np.array([True, False, True, True, False, True, True])
-  f = jax.jit(preference.sequence_logprobs)
+  f = jax.jit(sequences.sequence_logprobs)
   dropped = f(logits[:, keep], labels[:, keep])
   masked = f(logits, labels, where=np.broadcast_to(keep, labels.shape))
   ignored = f(logits, np.where(keep, labels, -100))
@@ -305,7 +305,7 @@ def test_sequence_logprobs_mask_equivalence(rng):
     for a, b in zip(dropped, other):
       np.testing.assert_allclose(a, b, rtol=1e-6)
   # Another ignore_index value.
-  custom = jax.jit(functools.partial(preference.sequence_logprobs, ignore_index=-1))(
+  custom = jax.jit(functools.partial(sequences.sequence_logprobs, ignore_index=-1))(
       logits, np.where(keep & (labels != -100), labels, -1))
   for a, b in zip(dropped, custom):
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -325,7 +325,7 @@ def test_sequence_logprobs_extreme_logits_and_gradient(rng):
   logits[~counted, 0] = np.inf
 
   def f(z):
-    out = preference.sequence_logprobs(z, labels, where=where)
+    out = sequences.sequence_logprobs(z, labels, where=where)
     return jnp.sum(out.sum) + jnp.sum(out.mean), out
   (_, out), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(logits)
   total, mean, _ = rp.sequence_logprobs(logits, labels, where=where)
@@ -346,18 +346,18 @@ def test_empty_completion(rng):
   labels[1] = -100
   with pytest.raises(ValueError, match=r"sequence_logprobs: sequence\(s\) \[1\] have no"
                      r" completion token"):
-    preference.sequence_logprobs(logits, labels)
+    sequences.sequence_logprobs(logits, labels)
   where = np.ones(labels.shape, bool)
   where[2] = False
   with pytest.raises(ValueError, match=r"sequence\(s\) \[1, 2\]"):
-    preference.sequence_logprobs(logits, labels, where=where)
+    sequences.sequence_logprobs(logits, labels, where=where)
   # Under jit the check cannot run: the mean is NaN (documented), the sum 0, the count 0.
-  out = jax.jit(preference.sequence_logprobs)(logits, labels)
+  out = jax.jit(sequences.sequence_logprobs)(logits, labels)
   assert np.isnan(out.mean[1]) and float(out.sum[1]) == 0.0 and int(out.count[1]) == 0
   assert np.isfinite(np.asarray(out.mean)[[0, 2]]).all()
   hidden, head = np.ones((SEQ_B, SEQ_T, 2), np.float32), np.ones((2, SEQ_V), np.float32)
   with pytest.raises(ValueError, match=r"fused_sequence_logprobs: sequence\(s\) \[1\]"):
-    preference.fused_sequence_logprobs(hidden, head, labels)
+    sequences.fused_sequence_logprobs(hidden, head, labels)
 
 
 def test_sequence_logprobs_bad_labels(rng):
@@ -365,13 +365,13 @@ def test_sequence_logprobs_bad_labels(rng):
   bad = labels.copy()
   bad[0, 4] = SEQ_V
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    preference.sequence_logprobs(logits, bad)
+    sequences.sequence_logprobs(logits, bad)
   with pytest.raises(ValueError, match="labels shape"):
-    preference.sequence_logprobs(logits, labels[:, 1:])
+    sequences.sequence_logprobs(logits, labels[:, 1:])
   with pytest.raises(TypeError, match="integer token ids"):
-    preference.sequence_logprobs(logits, labels.astype(np.float32))
+    sequences.sequence_logprobs(logits, labels.astype(np.float32))
   with pytest.raises(ValueError, match="where has shape"):
-    preference.sequence_logprobs(logits, labels, where=np.ones((SEQ_B, 2), bool))
+    sequences.sequence_logprobs(logits, labels, where=np.ones((SEQ_B, 2), bool))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,24 +399,24 @@ def _pair_loss(policy, reference):
   """Mean DPO on the summed log-probs plus IPO on the averaged ones (both paths of the fused
   backward: ``sum`` and ``mean``). Sequences ``[:P]`` are the chosen, ``[P:]`` the rejected."""
   p = F_PAIRS
-  dpo = preference.dpo_loss(policy.sum[:p], policy.sum[p:], reference.sum[:p],
+  dpo_values = dpo.dpo_loss(policy.sum[:p], policy.sum[p:], reference.sum[:p],
                             reference.sum[p:], beta=0.5)
-  ipo = preference.ipo_loss(policy.mean[:p], policy.mean[p:], reference.mean[:p],
-                            reference.mean[p:], beta=0.5)
-  return jnp.mean(dpo + ipo)
+  ipo = dpo.ipo_loss(policy.mean[:p], policy.mean[p:], reference.mean[:p],
+                     reference.mean[p:], beta=0.5)
+  return jnp.mean(dpo_values + ipo)
 
 
 @functools.cache
 def _fused_and_unfused():
   def fused(hidden, head, ref_hidden, ref_head, labels, where):
-    policy, reference = preference.fused_sequence_logprobs(
+    policy, reference = sequences.fused_sequence_logprobs(
         hidden, head, labels, where=where, chunk_size=F_CHUNK, reference_hidden=ref_hidden,
         reference_head=ref_head)
     return _pair_loss(policy, reference), (policy, reference)
 
   def unfused(hidden, head, ref_hidden, ref_head, labels, where):
-    policy = preference.sequence_logprobs(hidden @ head, labels, where=where)
-    reference = preference.sequence_logprobs(jax.lax.stop_gradient(ref_hidden @ ref_head),
+    policy = sequences.sequence_logprobs(hidden @ head, labels, where=where)
+    reference = sequences.sequence_logprobs(jax.lax.stop_gradient(ref_hidden @ ref_head),
                                              labels, where=where)
     return _pair_loss(policy, reference), (policy, reference)
 
@@ -450,9 +450,9 @@ def test_fused_sequence_logprobs_equal_unfused(rng):
 def test_fused_sequence_logprobs_policy_only(rng):
   hidden, head, _, _, labels, where = fused_inputs(rng)
   for chunk in (1, 7, 64):  # one token per chunk, a ragged last chunk, one chunk for all
-    f = jax.jit(functools.partial(preference.fused_sequence_logprobs, chunk_size=chunk))
+    f = jax.jit(functools.partial(sequences.fused_sequence_logprobs, chunk_size=chunk))
     out = f(hidden, head, labels, where=where)
-    assert isinstance(out, preference.SequenceLogprobs)
+    assert isinstance(out, sequences.SequenceLogprobs)
     total, mean, _ = rp.sequence_logprobs(rp.f64(hidden) @ head, labels, where=where)
     assert_close(out.sum, total, rtol=1e-5, atol=1e-5)
     assert_close(out.mean, mean, rtol=1e-5, atol=1e-5)
@@ -460,7 +460,7 @@ def test_fused_sequence_logprobs_policy_only(rng):
 
 def test_fused_sequence_logprobs_bad_input(rng):
   hidden, head, ref_hidden, ref_head, labels, _ = fused_inputs(rng)
-  f = preference.fused_sequence_logprobs
+  f = sequences.fused_sequence_logprobs
   with pytest.raises(ValueError, match="both reference_hidden and reference_head"):
     f(hidden, head, labels, reference_hidden=ref_hidden)
   with pytest.raises(ValueError, match="reference vocab 5 != policy vocab 13"):
@@ -485,7 +485,7 @@ def random_sequence_logprobs(rng):
   for _ in range(4):
     count = rng.integers(2, 30, B).astype(np.int32)
     mean = rng.uniform(-3.0, -0.1, B).astype(np.float32)
-    out.append(preference.SequenceLogprobs(sum=(mean * count).astype(np.float32), mean=mean,
+    out.append(sequences.SequenceLogprobs(sum=(mean * count).astype(np.float32), mean=mean,
                                            count=count))
   return out
 
@@ -493,7 +493,7 @@ def random_sequence_logprobs(rng):
 @functools.cache
 def _every_type_by_name():
   def run(pc, pr, rc, rr):
-    return {name: alignment.preference_loss(pc, pr, rc, rr, loss_type=name, beta=0.3)
+    return {name: dpo.preference_loss(pc, pr, rc, rr, loss_type=name, beta=0.3)
             for name in LIB}
   return jax.jit(run)
 
@@ -516,10 +516,10 @@ def test_preference_loss_weighted_list(rng):
 
   @jax.jit
   def run(pc, pr, rc, rr):
-    combined = alignment.preference_loss(pc, pr, rc, rr, loss_type=types, loss_weights=weights,
+    combined = dpo.preference_loss(pc, pr, rc, rr, loss_type=types, loss_weights=weights,
                                          options=options, beta=0.3, label_smoothing=0.1,
                                          delta=0.2)
-    singles = [alignment.preference_loss(pc, pr, rc, rr, loss_type=t, beta=0.3,
+    singles = [dpo.preference_loss(pc, pr, rc, rr, loss_type=t, beta=0.3,
                                          label_smoothing=0.1, delta=0.2,
                                          options={t: options[t]} if t in options else None)
                for t in types]
@@ -538,18 +538,18 @@ def test_preference_loss_weighted_list(rng):
 
 def test_preference_loss_plain_arrays(rng):
   args = four_logps(rng)
-  f = jax.jit(functools.partial(alignment.preference_loss, loss_type=["sigmoid", "hinge"],
+  f = jax.jit(functools.partial(dpo.preference_loss, loss_type=["sigmoid", "hinge"],
                                 beta=0.2))
   assert_close(f(*args), rp.sigmoid_loss(*args, beta=0.2) + rp.hinge_loss(*args, beta=0.2))
   for loss_type in ("ipo", "sigmoid_norm", "sft", ["sigmoid", "ipo"]):
     with pytest.raises(TypeError, match="needs length-averaged log-probs; pass the"
                        " SequenceLogprobs"):
-      alignment.preference_loss(*args, loss_type=loss_type)
+      dpo.preference_loss(*args, loss_type=loss_type)
 
 
 def test_preference_loss_bad_arguments(rng):
   args = four_logps(rng)
-  f = alignment.preference_loss
+  f = dpo.preference_loss
   with pytest.raises(ValueError, match=r"unknown preference loss type 'sigmod' \(did you mean"
                      r" 'sigmoid'\?\); choose from \["):
     f(*args, loss_type="sigmod")
@@ -577,7 +577,7 @@ def test_preference_loss_bad_arguments(rng):
 def test_preference_metrics_match_reference(rng):
   pc, pr, rc, rr = four_logps(rng, n=8)
   pr[:3] = pc[:3] - 1.0  # some pairs the policy already prefers
-  f = jax.jit(functools.partial(alignment.preference_metrics, beta=0.2))
+  f = jax.jit(functools.partial(dpo.preference_metrics, beta=0.2))
   for got, want in ((f(pc, pr, rc, rr), rp.preference_metrics(pc, pr, rc, rr, beta=0.2)),
                     (f(pc, pr), rp.preference_metrics(pc, pr, beta=0.2))):
     assert set(got) == set(want)
@@ -591,7 +591,7 @@ def test_preference_metrics_match_reference(rng):
 
 def test_preference_metrics_bad_input(rng):
   pc, pr, rc, rr = four_logps(rng)
-  f = alignment.preference_metrics
+  f = dpo.preference_metrics
   with pytest.raises(ValueError, match="ref_chosen_logps has shape"):
     f(pc, pr, rc[:1], rr)
   with pytest.raises(ValueError, match="ref_rejected_logps has shape"):
@@ -640,25 +640,25 @@ def test_label_smoothing_range(rng):
   args = four_logps(rng)
   for e in (0.5, 0.7, 1.0):
     with pytest.raises(ValueError, match=rf"label_smoothing must be < 0.5 \(got {e}\)"):
-      preference.robust_dpo_loss(*args, label_smoothing=e)
-  for fn in (preference.robust_dpo_loss, preference.dpo_loss, preference.aot_loss,
-             preference.aot_unpaired_loss):
+      dpo.robust_dpo_loss(*args, label_smoothing=e)
+  for fn in (dpo.robust_dpo_loss, dpo.dpo_loss, dpo.aot_loss,
+             dpo.aot_unpaired_loss):
     with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\] \(got -0.1\)"):
       fn(*args, label_smoothing=-0.1)
-  for fn in (preference.dpo_loss, preference.aot_loss, preference.aot_unpaired_loss):
+  for fn in (dpo.dpo_loss, dpo.aot_loss, dpo.aot_unpaired_loss):
     fn(*args, label_smoothing=0.5)  # cDPO allows e = 1/2
     with pytest.raises(ValueError, match=r"label_smoothing must be <= 0.5 \(got 0.6\)"):
       fn(*args, label_smoothing=0.6)
   for e in (0.0, 1.0):
     with pytest.raises(ValueError, match=r"label_smoothing must lie in \(0, 1\)"):
-      preference.exo_pair_loss(*args, label_smoothing=e)
+      dpo.exo_pair_loss(*args, label_smoothing=e)
   with pytest.raises(TypeError, match="label_smoothing must be a Python number"):
-    preference.dpo_loss(*args, label_smoothing=None)
+    dpo.dpo_loss(*args, label_smoothing=None)
 
 
 def test_other_options_range(rng):
   args = four_logps(rng)
   with pytest.raises(ValueError, match="tau must be > 0"):
-    preference.discopop_loss(*args, tau=0.0)
+    dpo.discopop_loss(*args, tau=0.0)
   with pytest.raises(TypeError, match="policy_chosen_logps must be a floating-point array"):
-    preference.sft_loss(np.arange(3))
+    dpo.sft_loss(np.arange(3))

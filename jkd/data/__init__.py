@@ -14,7 +14,7 @@ from jkd.data.store import (
     text_feature,
     write_dataset,
 )
-from jkd.data.tokenize import (
+from jkd.data.examples import (
     IGNORE_INDEX,
     OVERFLOW,
     finish_example,

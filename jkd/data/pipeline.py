@@ -18,7 +18,7 @@ a TFDS ArrayRecord dataset, :func:`jkd.data.open_split`) with the interface of
   ``one_epoch()`` is one ordered pass for evaluation that leaves the position alone.
 
 :func:`text_pipeline` builds one for a stored dataset: JSONL shapes (:mod:`jkd.data.jsonl`) are
-tokenised with :func:`jkd.data.tokenize.tokenize_example`; a ``tokenized`` dataset (fields
+tokenised with :func:`jkd.data.examples.tokenize_example`; a ``tokenized`` dataset (fields
 already token arrays, e.g. an offline teacher cache with ``teacher_topk_ids``) passes through,
 padded to ``seq_len`` when shorter, with ``uint16`` ids cast to ``int32`` and ``float16`` to
 ``float32``.
@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jkd.data import store
-from jkd.data import tokenize as tok_lib
+from jkd.data import examples as tok_lib
 from jkd.data.source import BatchSource
 
 Transform = Callable[[Mapping[str, Any]], "Mapping[str, np.ndarray] | None"]
@@ -91,7 +91,7 @@ def _fill_rows(v: np.ndarray, rows: int, key: str) -> np.ndarray:
 # Packing as a resumable Grain iterator.
 
 class _PackIterator(grain.DatasetIterator):
-  """Groups of :class:`jkd.data.tokenize.Packer`; state = (parent state at the group's start,
+  """Groups of :class:`jkd.data.examples.Packer`; state = (parent state at the group's start,
   rows of the group already emitted), so a restore re-packs that group and skips those rows."""
 
   def __init__(self, parent, packer: tok_lib.Packer):
@@ -377,7 +377,7 @@ def text_pipeline(path: str, split: str, *, batch_size: int, seq_len: int, token
     tokenizer: a ``transformers`` tokenizer (needed unless the data is ``tokenized``).
     shape: a JSONL shape or ``"tokenized"``; None: the dataset metadata's ``shape``, else
       ``tokenized``.
-    chat_template, overflow, vocab_size: as :func:`jkd.data.tokenize.tokenize_example`.
+    chat_template, overflow, vocab_size: as :func:`jkd.data.examples.tokenize_example`.
 
   Returns:
     The pipeline.

@@ -1,6 +1,6 @@
 """Preference pairs: tokenized from text, or sampled and ranked; cached reference log-probs.
 
-Three steps feed DPO-style training (:mod:`jkd.losses.preference_terms`):
+Three steps feed DPO-style training (:mod:`jkd.losses.preference_objective`):
 
 1. :func:`tokenize_preference` / :func:`tokenize_pairs` turn text pairs ``{"prompt", "chosen",
    "rejected"}`` into the engine's arrays ``chosen_tokens``, ``chosen_labels``,

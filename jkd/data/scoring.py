@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd.losses.preference import sequence_logprobs
+from jkd.losses.sequences import sequence_logprobs
 from jkd.losses.tokens import IGNORE_INDEX
 from jkd.models import transformer
 from jkd.models.config import ModelConfig

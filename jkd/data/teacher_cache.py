@@ -47,7 +47,7 @@ from jkd import models
 from jkd import runtime
 from jkd.data.model_spec import load_model
 from jkd.data import store
-from jkd.data import tokenize
+from jkd.data import examples
 
 PyTree = Any
 
@@ -159,7 +159,7 @@ def _check_example(i: int, ex: Mapping[str, Any], seq_len: int | None, optional:
   missing = [f for f in ("tokens", "labels", "loss_mask") if f not in ex]
   if missing:
     raise ValueError(f"example {i} lacks {missing}: cache examples need tokens, labels and"
-                     f" loss_mask (as jkd.data.tokenize makes them); it has {sorted(ex)}.")
+                     f" loss_mask (as jkd.data.examples makes them); it has {sorted(ex)}.")
   out = {}
   for f in ("tokens", "labels", "loss_mask") + optional:
     if f not in ex:
@@ -169,7 +169,7 @@ def _check_example(i: int, ex: Mapping[str, Any], seq_len: int | None, optional:
     if v.ndim != 1 or (seq_len is not None and v.shape[0] != seq_len):
       raise ValueError(f"example {i}: {f} has shape {list(v.shape)}, expected [{seq_len}] (the"
                        " first example's length); pad every example to one length"
-                       " (jkd.data.tokenize.pad_example).")
+                       " (jkd.data.examples.pad_example).")
     out[f] = v.astype(bool) if f == "loss_mask" else v.astype(np.int32)
   bad = (out["tokens"] < 0) | (out["tokens"] >= vocab)
   if bad.any():
@@ -384,7 +384,7 @@ def _npz_examples(path: str, seq_len: int | None) -> dict[str, np.ndarray]:
 
 def _dataset_examples(path: str, split: str, tokenizer, *, seq_len: int, vocab_size: int,
                       shape: str | None, chat_template: bool, counts) -> Iterator[dict]:
-  """Tokenized, right-padded examples of a jkd text dataset (via :mod:`jkd.data.tokenize`)."""
+  """Tokenized, right-padded examples of a jkd text dataset (via :mod:`jkd.data.examples`)."""
   shape = shape or store.read_metadata(path).get("shape")
   if shape not in ("text", "prompt_completion", "chat"):
     raise ValueError(f"dataset {path!r} has shape {shape!r}; a teacher cache is built from a"
@@ -392,11 +392,11 @@ def _dataset_examples(path: str, split: str, tokenizer, *, seq_len: int, vocab_s
                      " metadata lacks one).")
   src = store.open_split(path, split)
   for i in range(len(src)):
-    ex = tokenize.tokenize_example(src[i], tokenizer, shape=shape, seq_len=seq_len,
+    ex = examples.tokenize_example(src[i], tokenizer, shape=shape, seq_len=seq_len,
                                    chat_template=chat_template, vocab_size=vocab_size,
                                    name=f"{split} example {i}", counts=counts)
     if ex is not None:  # nothing left to train after truncation: skipped, counted
-      yield tokenize.pad_example(ex, seq_len)
+      yield examples.pad_example(ex, seq_len)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -55,8 +55,9 @@ from jkd.losses.objective import (
     register_loss_term,
     token_mask,
 )
-from jkd.losses.preference import (
-    SequenceLogprobs,
+from jkd.losses.sequences import SequenceLogprobs, fused_sequence_logprobs, sequence_logprobs
+from jkd.losses.dpo import (
+    PREFERENCE_LOSSES,
     aot_loss,
     aot_unpaired_loss,
     apo_down_loss,
@@ -65,30 +66,25 @@ from jkd.losses.preference import (
     discopop_loss,
     dpo_loss,
     exo_pair_loss,
-    fused_sequence_logprobs,
     hinge_loss,
     ipo_loss,
+    kto_kl_estimate,
+    kto_loss,
     nca_pair_loss,
+    preference_loss,
+    preference_metrics,
     robust_dpo_loss,
-    sequence_logprobs,
     sft_loss,
     sigmoid_norm_loss,
     sppo_hard_loss,
 )
-from jkd.losses.alignment import (
-    PREFERENCE_LOSSES,
-    SparseTeacher,
-    adpa_advantage_loss,
+from jkd.losses.reference_free import (
     cpo_loss,
-    dckd_loss,
-    kto_kl_estimate,
-    kto_loss,
     orpo_log_odds_ratio,
     orpo_loss,
-    preference_loss,
-    preference_metrics,
     redi_loss,
     simpo_loss,
 )
-from jkd.losses import preference_terms as _preference_terms  # noqa: F401  (registers terms)
+from jkd.losses.aligned_teacher import SparseTeacher, adpa_advantage_loss, dckd_loss
+from jkd.losses import preference_objective as _terms  # noqa: F401  (registers terms)
 from jkd.losses.uld import align_by_offsets, gather_aligned_logits, uld_loss

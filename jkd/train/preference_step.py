@@ -42,7 +42,7 @@ import numpy as np
 from jkd import losses
 from jkd import models
 from jkd.data import teacher_cache
-from jkd.losses import preference_terms
+from jkd.losses import preference_objective
 
 PyTree = Any
 
@@ -50,7 +50,7 @@ _PAIR_KEYS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_lab
 _PAIR_REFERENCE = ("reference_chosen_logps", "reference_rejected_logps")
 _KTO_KEYS = ("tokens", "labels", "desirable")
 _KTO_REFERENCE = ("reference_logps", "reference_kl_logps")
-_SPARSE = set(preference_terms.SPARSE_PAIR_INPUTS)
+_SPARSE = set(preference_objective.SPARSE_PAIR_INPUTS)
 #: Optional batch fields of a paired batch holding the teacher's top-k (``{side}_`` prefixed:
 #: ``chosen_``/``rejected_``): ids and log-probs ``[B, T, k]``, tail ``[B, T]``, and the
 #: teacher's reference log-probs at those ids ``[B, T, k]`` (ADPA's advantage). Written by

@@ -24,8 +24,10 @@ from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
-from jkd.losses import alignment
-from jkd.losses import preference
+from jkd.losses import aligned_teacher
+from jkd.losses import dpo
+from jkd.losses import reference_free
+from jkd.losses import sequences
 from jkd.losses.tokens import IGNORE_INDEX
 from jkd.losses.objective import register_loss_term
 
@@ -34,7 +36,7 @@ _FREE = (("policy_chosen", "policy_rejected"),)
 
 
 def _dummy_inputs() -> dict[str, Any]:
-  lp = preference.SequenceLogprobs(sum=-jnp.ones((2,)), mean=-jnp.ones((2,)) / 2,
+  lp = sequences.SequenceLogprobs(sum=-jnp.ones((2,)), mean=-jnp.ones((2,)) / 2,
                                    count=jnp.full((2,), 2))
   return {"policy_chosen": lp, "policy_rejected": lp, "ref_chosen": lp, "ref_rejected": lp,
           "policy": lp, "ref": lp, "policy_kl": lp, "ref_kl": lp,
@@ -59,11 +61,11 @@ def _get(inputs: Mapping[str, Any], keys: Sequence[str], term: str):
 
 
 def _sums(x):
-  return x.sum if isinstance(x, preference.SequenceLogprobs) else x
+  return x.sum if isinstance(x, sequences.SequenceLogprobs) else x
 
 
 def _means(x, term):
-  if not isinstance(x, preference.SequenceLogprobs):
+  if not isinstance(x, sequences.SequenceLogprobs):
     raise TypeError(f"loss term {term!r} needs length-averaged log-probs: give SequenceLogprobs.")
   return x.mean
 
@@ -79,9 +81,9 @@ def _dpo_term(inputs, *, loss_type: str | Sequence[str] = "sigmoid",
   shared = {"beta": beta}
   if label_smoothing is not None:
     shared["label_smoothing"] = label_smoothing
-  loss = alignment.preference_loss(pc, pr, rc, rr, loss_type=loss_type,
+  loss = dpo.preference_loss(pc, pr, rc, rr, loss_type=loss_type,
                                    loss_weights=loss_weights, options=options, **shared)
-  return jnp.mean(loss), alignment.preference_metrics(_sums(pc), _sums(pr), _sums(rc),
+  return jnp.mean(loss), dpo.preference_metrics(_sums(pc), _sums(pr), _sums(rc),
                                                       _sums(rr), beta=beta)
 
 
@@ -90,9 +92,9 @@ def _simpo_term(inputs, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
                 label_smoothing: float = 0.0, fused: bool = False):
   del fused
   pc, pr = (_means(x, "simpo") for x in _get(inputs, _FREE[0], "simpo"))
-  loss = alignment.simpo_loss(pc, pr, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
+  loss = reference_free.simpo_loss(pc, pr, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
                               label_smoothing=label_smoothing)
-  return jnp.mean(loss), alignment.preference_metrics(pc, pr, beta=beta)
+  return jnp.mean(loss), dpo.preference_metrics(pc, pr, beta=beta)
 
 
 @_register("cpo", _FREE)
@@ -100,18 +102,18 @@ def _cpo_term(inputs, *, beta: float = 0.1, label_smoothing: float = 0.0, alpha:
               fused: bool = False):
   del fused
   pc, pr = _get(inputs, _FREE[0], "cpo")
-  loss = alignment.cpo_loss(_sums(pc), _sums(pr), beta=beta, label_smoothing=label_smoothing,
+  loss = reference_free.cpo_loss(_sums(pc), _sums(pr), beta=beta, label_smoothing=label_smoothing,
                             chosen_nll=-_means(pc, "cpo"), alpha=alpha)
-  return jnp.mean(loss), alignment.preference_metrics(_sums(pc), _sums(pr), beta=beta)
+  return jnp.mean(loss), dpo.preference_metrics(_sums(pc), _sums(pr), beta=beta)
 
 
 @_register("orpo", _FREE)
 def _orpo_term(inputs, *, lam: float = 0.1, fused: bool = False):
   del fused
   pc, pr = (_means(x, "orpo") for x in _get(inputs, _FREE[0], "orpo"))
-  loss = alignment.orpo_loss(pc, pr, lam=lam)
-  metrics = alignment.preference_metrics(pc, pr, beta=lam)
-  metrics["log_odds_ratio"] = jnp.mean(alignment.orpo_log_odds_ratio(pc, pr))
+  loss = reference_free.orpo_loss(pc, pr, lam=lam)
+  metrics = dpo.preference_metrics(pc, pr, beta=lam)
+  metrics["log_odds_ratio"] = jnp.mean(reference_free.orpo_log_odds_ratio(pc, pr))
   return jnp.mean(loss), metrics
 
 
@@ -121,8 +123,8 @@ def _kto_term(inputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
   del fused
   p, r, desirable, pk, rk = _get(inputs, ("policy", "ref", "desirable", "policy_kl", "ref_kl"),
                                  "kto")
-  z = alignment.kto_kl_estimate(_sums(pk), _sums(rk))
-  loss = alignment.kto_loss(_sums(p), _sums(r), desirable, kl=z, beta=beta,
+  z = dpo.kto_kl_estimate(_sums(pk), _sums(rk))
+  loss = dpo.kto_loss(_sums(p), _sums(r), desirable, kl=z, beta=beta,
                             desirable_weight=desirable_weight,
                             undesirable_weight=undesirable_weight)
   return jnp.mean(loss), {"kl": z}
@@ -132,7 +134,7 @@ def _kto_term(inputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
 def _redi_term(inputs, *, c_pos: float = 1.0, c_neg: float = 0.8, fused: bool = False):
   del fused
   pc, pr = (_means(x, "redi") for x in _get(inputs, _FREE[0], "redi"))
-  return jnp.mean(alignment.redi_loss(pc, pr, c_pos=c_pos, c_neg=c_neg))
+  return jnp.mean(reference_free.redi_loss(pc, pr, c_pos=c_pos, c_neg=c_neg))
 
 
 # Distillation-flavoured preference terms (DCKD, ADPA). The train step adds their per-token
@@ -168,8 +170,8 @@ def _dckd_term(inputs, *, k: int = 50, kd_weight: float = 0.1, tail: bool = True
   the step). Metrics: the chosen NLL and the two top-k forward KLs (token means)."""
   del k  # Read by the train step (the teacher's top-k).
   zc, yc, tc, zr, yr, tr = _get(inputs, _DCKD, "dckd")
-  loss = alignment.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=kd_weight, tail=tail)
-  nll = alignment.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=0.0, tail=tail)
+  loss = aligned_teacher.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=kd_weight, tail=tail)
+  nll = aligned_teacher.dckd_loss(zc, yc, tc, zr, yr, tr, kd_weight=0.0, tail=tail)
   return jnp.mean(loss), {"nll": jnp.mean(nll)}
 
 
@@ -194,11 +196,11 @@ def _adpa_term(inputs, *, k: int = 50, kd_weight: float = 1.6, on: str = "both")
   for side in use:
     z, y, t, r = sides[side]
     mask = _label_mask(y)
-    values = alignment.adpa_advantage_loss(z, t.ids, t.logprobs, r, where=mask)
+    values = aligned_teacher.adpa_advantage_loss(z, t.ids, t.logprobs, r, where=mask)
     total = total + jnp.sum(values)
     count = count + jnp.sum(mask)
   advantage = total / jnp.maximum(count, 1)
-  nll = jnp.mean(-preference.sequence_logprobs(zc, yc).mean)
+  nll = jnp.mean(-sequences.sequence_logprobs(zc, yc).mean)
   return nll + float(kd_weight) * advantage, {"nll": nll, "advantage": advantage}
 
 

@@ -1,4 +1,4 @@
-"""jkd.data.tokenize: next-token labels, completion-only loss, truncation, padding, packing."""
+"""jkd.data.examples: next-token labels, completion-only loss, truncation, padding, packing."""
 
 from __future__ import annotations
 
