@@ -33,7 +33,8 @@ _TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4,
 
 def get_config(arg=None):
   variant = recipes.check_variant("adpa", arg)
-  c = recipes.smollm2_config({"adpa": {"term": "adpa", "weight": 1.0, "k": 50, "kd_weight": 1.6}})
+  c = recipes.smollm2_config({"adpa": {"term": "adpa", "weight": 1.0, "k": 50, "kd_weight": 1.6}},
+                              source="pairs")
   c.optimizer.update(dict(lr=5e-5, warmup_steps=10))
   c.data.update(dict(source="pairs", seq_len=256))
   c.eval.update(dict(every=0, at_start=False))

@@ -23,7 +23,8 @@ CPU_VARIANTS = ("cpu",)
 
 def get_config(arg=None):
   variant = recipes.check_variant("dckd", arg)
-  c = recipes.smollm2_config({"dckd": {"term": "dckd", "weight": 1.0, "k": 50, "kd_weight": 0.1}})
+  c = recipes.smollm2_config({"dckd": {"term": "dckd", "weight": 1.0, "k": 50, "kd_weight": 0.1}},
+                              source="preference")
   c.optimizer.update(dict(lr=5e-5, warmup_steps=10))
   c.data.update(dict(source="preference", seq_len=256))
   c.eval.update(dict(every=0, at_start=False))

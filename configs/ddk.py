@@ -16,6 +16,7 @@ branching), evaluation and a weight update every 2 of 4 steps (seconds; what CI 
   python -m jkd.train --config configs/ddk.py:cpu --workdir /tmp/ddk_cpu
 """
 
+from jkd.train import config
 from jkd.train import recipes
 
 #: The variants CI runs end to end.
@@ -25,8 +26,10 @@ CPU_VARIANTS = ("cpu",)
 def get_config(arg=None):
   variant = recipes.check_variant("ddk", arg)
   c = recipes.smollm2_config({"kd": {"term": "forward_kl", "weight": 1.0},
-                              "ce": {"term": "cross_entropy", "weight": 0.1}})
+                              "ce": {"term": "cross_entropy", "weight": 0.1}},
+                              source="domains")
   c.data.update(dict(source="domains", seq_len=256))
+  config.add_sections(c, "ddk")
   c.ddk.update(dict(alpha=0.5, floor=0.1, eval_fraction=0.05))
   c.train.update(dict(steps=500, log_every=10))
   c.eval.update(dict(every=50, batches=0, at_start=False))

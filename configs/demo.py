@@ -14,11 +14,11 @@ Variants: ``configs/demo.py:tiny`` (a random tiny teacher with a character token
 what CI runs). Any key can be overridden, e.g. ``--config.train.steps=200``.
 """
 
-from jkd.train.config import default_config
+from jkd.train.config import add_sections, default_config
 
 
 def get_config(arg=None):
-  c = default_config()
+  c = add_sections(default_config(), "corpus")
   c.teacher.source = "smollm2"
   c.student.source = "layers"
   c.student.every = 5

@@ -14,6 +14,7 @@ Variant ``cpu``: a random tiny teacher with a character tokenizer (vocabulary 12
   python -m jkd.train --config configs/distill_dpo.py:cpu --workdir /tmp/distill_dpo_cpu
 """
 
+from jkd.train import config
 from jkd.train import recipes
 
 #: The variants CI runs end to end.
@@ -23,9 +24,11 @@ CPU_VARIANTS = ("cpu",)
 def get_config(arg=None):
   variant = recipes.check_variant("distill_dpo", arg)
   c = recipes.smollm2_config({"dpo": {"term": "dpo", "weight": 1.0, "beta": 0.1},
-                              "ce": {"term": "cross_entropy", "weight": 0.1}})
+                              "ce": {"term": "cross_entropy", "weight": 0.1}},
+                              source="rounds")
   c.optimizer.update(dict(lr=1e-4, warmup_steps=5))
   c.data.update(dict(source="rounds", seq_len=192))
+  config.add_sections(c, "rounds")
   c.rounds.update(dict(steps_per_round=25, n=4, max_new_tokens=64, temperature=1.0, limit=64,
                        generate_batch_size=16))
   c.train.update(dict(steps=100))

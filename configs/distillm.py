@@ -13,11 +13,13 @@ Variant ``cpu``: a random 4-layer teacher (vocabulary 128, width 32), synthetic 
 with an evaluation after each (so ``p`` moves and student samples enter the batches).
 """
 
+from jkd.train import config
 from jkd.train import recipes
 
 
 def get_config(arg=None):
   c = recipes.smollm2_config({"kd": {"term": "skew_kl", "weight": 1.0, "alpha": 0.1}})
+  config.add_sections(c, "onpolicy")
   c.onpolicy.update(dict(mode="distillm", lmbda=0.5, temperature=1.0, top_p=1.0,
                          max_new_tokens=64, eos_id=2, pad_id=2, buffer_size=1000, p_step=0.1,
                          metric="eval/kl_forward"))

@@ -12,11 +12,13 @@ Variant ``cpu``: a random 4-layer teacher (vocabulary 128, width 32), synthetic 
 batch on-policy (``lmbda=1``, so CI exercises the sampler), 3 steps in seconds.
 """
 
+from jkd.train import config
 from jkd.train import recipes
 
 
 def get_config(arg=None):
   c = recipes.smollm2_config({"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5}})
+  config.add_sections(c, "onpolicy")
   c.onpolicy.update(dict(mode="gkd", lmbda=0.5, temperature=0.9, top_p=1.0, max_new_tokens=64,
                          eos_id=2, pad_id=2))  # SmolLM2's <|im_end|>.
   if arg == "cpu":

@@ -27,7 +27,8 @@ CPU_VARIANTS = ("cpu",)
 def get_config(arg=None):
   variant = recipes.check_variant("miniplm", arg)
   c = recipes.smollm2_config({"kd": {"term": "forward_kl", "weight": 1.0},
-                              "ce": {"term": "cross_entropy", "weight": 0.1}})
+                              "ce": {"term": "cross_entropy", "weight": 0.1}},
+                              source="npz")
   c.data.update(dict(source="npz", seq_len=256, select="miniplm", select_fraction=0.5))
   c.train.update(dict(steps=500, log_every=10))
   c.eval.update(dict(every=100, at_start=False))

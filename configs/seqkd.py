@@ -14,11 +14,11 @@ Variant ``cpu``: a random 4-layer teacher with a character tokenizer writes 8 sh
 """
 
 from jkd.train import recipes
-from jkd.train.config import default_config
+from jkd.train.config import add_sections, default_config
 
 
 def get_config(arg=None):
-  c = default_config()
+  c = add_sections(default_config(), "corpus")
   c.teacher.source = "smollm2"
   c.teacher.online = False
   c.student.source = "layers"

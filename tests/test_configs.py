@@ -18,7 +18,7 @@ import pytest
 
 from jkd import losses
 from jkd import models
-from jkd.train import loop, recipes, stages
+from jkd.train import loop, recipes, sources, stages
 from jkd.train import step as step_lib
 from jkd.data import ArraySource, synthetic_lm_examples
 from jkd.train.writer import read_metrics
@@ -219,3 +219,18 @@ def test_check_teacher_free_accepts_a_cached_batch():
   with pytest.raises(ValueError, match="loss term 'kd' needs"):
     step_lib.check_teacher_free(losses.build_objective(cfg.objective), params,
                                 {k: ex[k] for k in ("tokens", "labels")}, student_config=config)
+
+
+def test_configs_carry_only_the_sections_they_use():
+  from jkd.train import config as config_lib  # noqa: PLC0415
+  optional = set(config_lib.OPTIONAL_SECTIONS)
+  assert not optional & set(load("kd_tiny").get_config())  # synthetic data, no extras
+  assert optional & set(load("demo").get_config()) == {"corpus"}
+  assert optional & set(load("gkd").get_config()) == {"corpus", "onpolicy"}
+  assert optional & set(load("distill_dpo").get_config()) == {"rounds"}
+  assert optional & set(load("ddk").get_config()) == {"ddk"}
+  cfg = load("kd_tiny").get_config()
+  cfg.data.source = "rounds"
+  with pytest.raises(ValueError, match=r"data.source='rounds' needs the config section 'rounds',"
+                     r" which this config lacks: add it .*add_sections\(c, 'rounds'\)"):
+    sources.make_sources(cfg, 128, tokenizer=object())

@@ -188,6 +188,7 @@ def _config():
   cfg.train.update(dict(steps=4, progress_bar=False))
   cfg.eval.update(dict(every=2, batches=1))
   cfg.checkpoint.update(dict(every=2, async_save=False))
+  train.add_sections(cfg, "onpolicy")  # kd_tiny has no on-policy section
   cfg.onpolicy.update(dict(mode="gkd", lmbda=0.5, max_new_tokens=8, eos_id=EOS))
   return cfg
 

@@ -18,7 +18,7 @@ _EXPORTS = {
     "STUDENT_SOURCES": "build", "TEACHER_SOURCES": "build",
     "CheckpointError": "checkpoint", "Checkpointer": "checkpoint",
     "find_checkpoint": "checkpoint", "restore_params": "checkpoint",
-    "default_config": "config",
+    "default_config": "config", "add_sections": "config",
     "DATA_SOURCES": "sources", "teacher_model_spec": "build", "make_sources": "sources",
     "UnpairedSource": "sources.pairs", "tokenizer_for": "build",
     "ECE_BINS": "evaluate", "METRIC_NAMES": "evaluate", "eval_metrics": "evaluate",

@@ -2,7 +2,10 @@
 
 Experiment configs (``configs/<name>.py``) call :func:`default_config` and change what they
 need; the command line overrides any key (``--config.optimizer.lr=3e-4``) and, with the config
-locked, a misspelt key is an error that names the nearest keys.
+locked, a misspelt key is an error that names the nearest keys. The sections ``corpus``,
+``onpolicy``, ``rounds`` and ``ddk`` are optional: a recipe that uses one adds it
+(:func:`add_sections`), so a resolved config holds only what its run reads, and a reader that
+finds its section missing names it (:func:`section`).
 
 Keys:
 
@@ -138,8 +141,49 @@ import ml_collections
 from ml_collections import config_dict
 
 
+#: Sections that only the recipes using them carry (:func:`add_sections`), with their defaults:
+#: the teacher-written corpus, on-policy sampling, Distillation-DPO rounds, DDK's domains.
+OPTIONAL_SECTIONS: dict[str, dict] = {
+    "corpus": dict(prompts="", holdout_every=10, limit=0, max_new_tokens=64, batch_size=8,
+                   temperature=0.7, top_p=0.95, seed=0),
+    "onpolicy": dict(mode="", lmbda=0.5, temperature=0.9, max_new_tokens=128, top_p=1.0,
+                     eos_id=-1, pad_id=0, buffer_size=1000, p_step=0.1,
+                     metric="eval/kl_forward"),
+    "rounds": dict(steps_per_round=50, n=4, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                   prompts="", limit=0, generate_batch_size=8),
+    "ddk": dict(num_domains=3, path="", eval_fraction=0.1, alpha=0.5, floor=0.1),
+}
+
+
+def add_sections(c: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
+  """Adds optional sections (:data:`OPTIONAL_SECTIONS`) with their defaults, in place; a section
+  already there is kept. Returns ``c``.
+
+  >>> c = add_sections(default_config(), "rounds")
+  >>> "rounds" in c, "ddk" in c, c.rounds.n
+  (True, False, 4)
+  """
+  for name in names:
+    if name not in OPTIONAL_SECTIONS:
+      raise ValueError(f"unknown optional config section {name!r}; choose from"
+                       f" {sorted(OPTIONAL_SECTIONS)}.")
+    if name not in c:
+      c[name] = ml_collections.ConfigDict(dict(OPTIONAL_SECTIONS[name]))
+  return c
+
+
+def section(cfg, name: str, *, needed_by: str):
+  """``cfg[name]``, or an error naming what needs the optional section and how to add it."""
+  if name not in cfg:
+    raise ValueError(f"{needed_by} needs the config section {name!r}, which this config lacks:"
+                     f" add it in the config file with jkd.train.config.add_sections(c, {name!r})"
+                     " (the recipes that use it do).")
+  return cfg[name]
+
+
 def default_config() -> ml_collections.ConfigDict:
-  """Every key of a training config with its default (a SmolLM2-135M teacher)."""
+  """Every key of a training config with its default (a SmolLM2-135M teacher), without the
+  optional sections (:func:`add_sections`)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -190,19 +234,8 @@ def default_config() -> ml_collections.ConfigDict:
       steps=1000, grad_accum=1, log_every=10, max_nan_steps=10, peak_tflops_per_device=989.0,
       progress_bar=True))
   c.eval = ml_collections.ConfigDict(dict(every=200, batches=0, at_start=False))
-  c.onpolicy = ml_collections.ConfigDict(dict(
-      mode="", lmbda=0.5, temperature=0.9, max_new_tokens=128, top_p=1.0, eos_id=-1, pad_id=0,
-      buffer_size=1000, p_step=0.1, metric="eval/kl_forward"))
-  c.rounds = ml_collections.ConfigDict(dict(
-      steps_per_round=50, n=4, max_new_tokens=64, temperature=1.0, top_p=1.0, prompts="",
-      limit=0, generate_batch_size=8))
-  c.ddk = ml_collections.ConfigDict(dict(
-      num_domains=3, path="", eval_fraction=0.1, alpha=0.5, floor=0.1))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200, keep=3, best_metric="", best_mode="min", async_save=True))
-  c.corpus = ml_collections.ConfigDict(dict(
-      prompts="", holdout_every=10, limit=0, max_new_tokens=64, batch_size=8, temperature=0.7,
-      top_p=0.95, seed=0))
   c.report = ml_collections.ConfigDict(dict(
       enabled=False, samples=3, sample_tokens=48, title="jkd distillation run"))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))

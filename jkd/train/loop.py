@@ -69,9 +69,8 @@ def _batch_sources(run: setup_lib.Run, train_source, eval_source):
     train_source, config_eval = sources.make_sources(cfg, run.teacher_spec.config.vocab_size)
     train_source = sources.miniplm.select_source(cfg, train_source)  # data.select
     eval_source = eval_source if eval_source is not None else config_eval
-  train_source = as_batch_source(train_source)
-  if "onpolicy" in cfg:
-    train_source = sources.onpolicy.wrap_source(cfg, train_source, run.student_config)
+  train_source = sources.onpolicy.wrap_source(cfg, as_batch_source(train_source),
+                                              run.student_config)
   return train_source, eval_source
 
 

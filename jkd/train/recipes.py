@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jkd.train.config import default_config
+from jkd.train.config import add_sections, default_config
 
 #: The random teacher of the CPU variants (``teacher.model`` fields).
 CPU_TEACHER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -45,8 +45,10 @@ def cpu_variant(c, *, steps: int = 3, seq_len: int = 16, batch_size: int = 4):
   c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.0))
   c.data.update(dict(source="synthetic", path="", num_examples=8 * batch_size,
                      eval_examples=batch_size, seq_len=seq_len, batch_size=batch_size))
-  c.corpus.update(dict(limit=8, max_new_tokens=8, batch_size=4))
-  c.onpolicy.update(dict(max_new_tokens=8))
+  if "corpus" in c:
+    c.corpus.update(dict(limit=8, max_new_tokens=8, batch_size=4))
+  if "onpolicy" in c:
+    c.onpolicy.update(dict(max_new_tokens=8))
   c.train.update(dict(steps=steps, log_every=1, peak_tflops_per_device=1.0,
                       progress_bar=False))
   c.eval.update(dict(every=0, batches=1, at_start=False))
@@ -77,18 +79,20 @@ def tiny_teacher(c, *, steps: int = 4, lr: float = 1e-3, max_position_embeddings
   return c
 
 
-def smollm2_config(objective: dict[str, Any]):
+def smollm2_config(objective: dict[str, Any], *, source: str = "teacher_corpus"):
   """The base of the SmolLM2 recipes: SmolLM2-135M-Instruct teaching every 5th of its layers
   with ``objective`` on a teacher-written corpus (200 steps of 8 x 160 tokens, evaluation and
-  checkpoints every 50). Recipes start from it and change what differs."""
+  checkpoints every 50). Recipes start from it and change what differs; one on other data names
+  its ``source`` (``data.source``: the ``corpus`` section comes only with ``teacher_corpus``)."""
   c = default_config()
   c.teacher.source = "smollm2"
   c.student.source = "layers"
   c.student.every = 5
   c.objective = objective
   c.optimizer.update(dict(lr=5e-4, warmup_steps=20, end_lr_ratio=0.1, weight_decay=0.0))
-  c.data.update(dict(source="teacher_corpus", seq_len=160, batch_size=8))
-  c.corpus.update(dict(max_new_tokens=64, batch_size=16))
+  c.data.update(dict(source=source, seq_len=160, batch_size=8))
+  if source == "teacher_corpus":
+    add_sections(c, "corpus").corpus.update(dict(max_new_tokens=64, batch_size=16))
   c.train.update(dict(steps=200, log_every=5, peak_tflops_per_device=0.0))
   c.eval.update(dict(every=50, at_start=True))
   c.checkpoint.update(dict(every=50, keep=2))

@@ -25,6 +25,7 @@ import numpy as np
 from jkd import sampling
 from jkd.data import corpus as corpus_lib
 from jkd.train import build
+from jkd.train import config
 from jkd.train import distributed
 from jkd.train import loop
 from jkd.train import report as report_lib
@@ -78,8 +79,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
   r = cfg.report
   if r.enabled:
     if not held:
+      every = cfg.get("corpus", config.OPTIONAL_SECTIONS["corpus"])["holdout_every"]
       held = sources.corpus.split_prompts(corpus_lib.read_prompts(corpus_lib.SHIPPED_PROMPTS),
-                                          int(cfg.corpus.holdout_every))[1]
+                                          int(every))[1]
     shown = [h["prompt"] for h in held[:int(r.samples)]]
     student0 = build.student_params(
         cfg, models.student_config, models.teacher,

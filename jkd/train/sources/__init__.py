@@ -51,7 +51,7 @@ DATA_SOURCES: dict[str, DataSource] = {
     "synthetic_pairs": DataSource(pairs.synthetic_pair_sources),
     "pairs": DataSource(rounds.pair_sources),
     "rounds": DataSource(rounds.round_sources, tokenizer="always"),
-    "domains": DataSource(ddk.domain_sources, tokenizer=lambda cfg: bool(cfg.ddk.path)),
+    "domains": DataSource(ddk.domain_sources, tokenizer=lambda cfg: bool(ddk.uses_text(cfg))),
     "teacher_corpus": DataSource(None, prepare=corpus.prepare_corpus),
 }
 

@@ -21,6 +21,7 @@ import jax
 from jkd.data import corpus as corpus_lib
 from jkd.data import pipeline
 from jkd.data import store
+from jkd.train import config
 
 
 class Prepared(NamedTuple):
@@ -62,7 +63,7 @@ def split_prompts(records: list[dict], holdout_every: int) -> tuple[list[dict], 
 
 
 def _corpus(cfg, teacher, tokenizer, records: list[dict], out_dir: str, name: str) -> str:
-  c = cfg.corpus
+  c = config.section(cfg, "corpus", needed_by="data.source='teacher_corpus'")
   final = os.path.join(out_dir, name, "1.0.0")
   if os.path.exists(os.path.join(final, "dataset_info.json")) and not os.path.isdir(
       os.path.join(out_dir, f"{name}.partial")):
@@ -102,7 +103,7 @@ def prepare_corpus(cfg, workdir: str, teacher, tokenizer) -> Prepared:
     raise ValueError("data.source=teacher_corpus generates its corpus in a single process;"
                      " for a multi-process run write it first with `python -m jkd.data.corpus`"
                      " and train with data.source=tfds on it.")
-  c, d = cfg.corpus, cfg.data
+  c, d = config.section(cfg, "corpus", needed_by="data.source='teacher_corpus'"), cfg.data
   prompts = c.prompts or corpus_lib.SHIPPED_PROMPTS
   records = corpus_lib.read_prompts(os.path.expanduser(prompts))
   train_records, held = split_prompts(records, int(c.holdout_every))

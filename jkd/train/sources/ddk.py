@@ -28,9 +28,19 @@ from jkd.data import jsonl
 from jkd.data import selection
 from jkd.data.arrays import ArraySource, synthetic_lm_examples
 from jkd.data.source import BatchSource
+from jkd.train import config
 from jkd.train.sources import text
 
 PyTree = Any
+
+
+def _ddk(cfg):
+  return config.section(cfg, "ddk", needed_by="data.source='domains'")
+
+
+def uses_text(cfg) -> bool:
+  """Whether the domains are JSONL text (``ddk.path``), which needs the teacher's tokenizer."""
+  return "ddk" in cfg and bool(cfg.ddk.path)
 
 
 class DDKSource(BatchSource):
@@ -113,7 +123,7 @@ class DDKSource(BatchSource):
 
 
 def _synthetic_domains(cfg, vocab: int):
-  d, n = cfg.data, int(cfg.ddk.num_domains)
+  d, n = cfg.data, int(_ddk(cfg).num_domains)
   if n < 1:
     raise ValueError(f"ddk.num_domains must be >= 1 (got {n}) for synthetic domains.")
   train, evals = {}, {}
@@ -169,7 +179,7 @@ def _batches_to_examples(batches) -> dict[str, np.ndarray]:
 
 
 def _jsonl_domains(cfg, vocab: int, tokenizer):
-  files = jsonl.expand_paths(jsonl.split_paths(cfg.ddk.path))
+  files = jsonl.expand_paths(jsonl.split_paths(_ddk(cfg).path))
   digest = hashlib.sha256("\0".join(sorted(files)).encode()).hexdigest()[:12]
   split_dir = os.path.join(os.path.expanduser(cfg.data.cache_dir), f"ddk_split_{digest}")
   per_domain = split_by_domain(files, split_dir)
@@ -178,7 +188,7 @@ def _jsonl_domains(cfg, vocab: int, tokenizer):
     sub = copy.deepcopy(cfg)
     with sub.unlocked():
       sub.data.path, sub.data.eval_path = path, ""
-      sub.data.eval_fraction = float(cfg.ddk.eval_fraction)
+      sub.data.eval_fraction = float(_ddk(cfg).eval_fraction)
     train, ev = text.jsonl_sources(sub, vocab, tokenizer)
     if ev is None:
       raise ValueError(f"domain {domain!r} has no eval split: set ddk.eval_fraction > 0.")
@@ -189,13 +199,13 @@ def _jsonl_domains(cfg, vocab: int, tokenizer):
 def domain_sources(cfg, vocab: int, tokenizer=None) -> tuple[DDKSource, ArraySource]:
   """``data.source='domains'``: ``(DDKSource, ArraySource of every domain's eval examples)``;
   ``tokenizer`` is needed for ``ddk.path`` (text) only."""
-  if cfg.ddk.path:
+  if _ddk(cfg).path:
     sources, evals = _jsonl_domains(cfg, vocab, tokenizer)
   else:
     sources, evals = _synthetic_domains(cfg, vocab)
   d = cfg.data
   source = DDKSource(sources, evals, batch_size=int(d.batch_size), seed=int(d.seed),
-                     alpha=float(cfg.ddk.alpha), floor=float(cfg.ddk.floor))
+                     alpha=float(_ddk(cfg).alpha), floor=float(_ddk(cfg).floor))
   every = {k: np.concatenate([ex[k] for ex in evals.values()]) for k in next(iter(
       evals.values()))}
   eval_source = ArraySource(every, min(int(d.batch_size), len(every["tokens"])), shuffle=False)

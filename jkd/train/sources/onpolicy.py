@@ -397,7 +397,7 @@ ONPOLICY_MODES: dict[str, Callable[[Any, Any, models.ModelConfig], OnPolicySourc
 def wrap_source(cfg, source, student_config: models.ModelConfig):
   """The train source wrapped for ``cfg.onpolicy.mode`` (returned as is when the mode is
   ``""``)."""
-  mode = cfg.onpolicy.mode
+  mode = cfg.onpolicy.mode if "onpolicy" in cfg else ""
   if not mode:
     return source
   if mode not in ONPOLICY_MODES:

@@ -29,6 +29,7 @@ from jkd.data import corpus
 from jkd.data import preference
 from jkd.data.arrays import ArraySource
 from jkd.data.source import BatchSource
+from jkd.train import config
 
 PyTree = Any
 _PAIR_FIELDS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels")
@@ -252,7 +253,7 @@ class RoundPairsSource(BatchSource):
 def round_sources(cfg, vocab: int, tokenizer) -> tuple[RoundPairsSource, None]:
   """``data.source='rounds'``: ``(RoundPairsSource of the rounds.* settings, None)``."""
   del vocab
-  r = cfg.rounds
+  r = config.section(cfg, "rounds", needed_by="data.source='rounds'")
   path = os.path.expanduser(r.prompts) if r.prompts else corpus.SHIPPED_PROMPTS
   prompts = corpus.read_prompts(path)
   if int(r.limit) > 0:
