@@ -11,7 +11,7 @@ import pytest
 from jkd.data import DataPipeline, build_jsonl_dataset, text_pipeline, tokenize_example
 from jkd.data import pad_example, tokenized_transform, write_dataset, tensor_feature
 
-from test_data_tokenize import tiny_tokenizer
+from test_data_examples import tiny_tokenizer
 
 
 def source(n=12):

@@ -312,7 +312,7 @@ import importlib.util, sys
 import numpy as np
 from jkd import data
 from jkd.train import loop
-from recipe_configs import load_config
+spec = importlib.util.spec_from_file_location("kd_tiny", sys.argv[1])
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 cfg = module.get_config(); cfg.train.progress_bar = False
 d = cfg.data
