@@ -8,13 +8,19 @@ yield exactly the batches the interrupted one would have yielded next.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+import os
+import zipfile
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from jkd.data.pipeline import process_share
 from jkd.data.scoring import sequence_layout
 from jkd.data.source import BatchSource
+from jkd.losses import IGNORE_INDEX
+
+#: ``[N, T]`` arrays that must have the shape of the tokens next to them (after any prefix).
+SEQUENCE_FIELDS = ("labels", "loss_mask", "attention_mask", "positions", "segment_ids")
 
 
 class ArraySource(BatchSource):
@@ -173,3 +179,107 @@ def synthetic_pair_examples(n: int, seq_len: int, vocab: int, seed: int = 0
       out[f"{side}_tokens"][i], out[f"{side}_labels"][i] = sequence_layout(prompt, comp,
                                                                            seq_len, 0)
   return out
+
+
+def read_npz(path: str, required: Sequence[str], *, what: str) -> dict[str, np.ndarray]:
+  """All arrays of an ``.npz`` file, which must hold ``required``.
+
+  Args:
+    path: the file (``~`` expanded).
+    required: names of the arrays it must hold.
+    what: what the file is for, for the messages (e.g. ``"data.source='npz'"``).
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: not a readable ``.npz`` (e.g. truncated), or a required array missing; the
+      message names the file.
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no .npz file at {path!r} ({what}); check the path.")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+    raise ValueError(f"{path}: not a readable .npz file ({e}); it may be truncated: write it"
+                     " again with numpy.savez.") from None
+  missing = [k for k in required if k not in arrays]
+  if missing:
+    raise ValueError(f"{path}: missing array(s) {missing}; {what} needs [N, T] integer arrays"
+                     f" {list(required)} (the file has {sorted(arrays)}).")
+  return arrays
+
+
+def _first_bad(ids: np.ndarray, bad: np.ndarray) -> str:
+  at = tuple(int(i) for i in np.argwhere(bad)[0])
+  return f"{int(ids[at])} at {list(at)}"
+
+
+def check_token_arrays(arrays: Mapping[str, np.ndarray], path: str, *, vocab: int,
+                       prefix: str = "") -> tuple[int, int]:
+  """Checks the ``[N, T]`` arrays of one kind of sequence in a file before training on them.
+
+  ``{prefix}tokens`` must be a non-empty 2-D integer array of ids in ``[0, vocab)``;
+  ``{prefix}labels`` (required) and the other :data:`SEQUENCE_FIELDS` present must have its
+  shape, labels integer ids in ``[0, vocab)`` or ``IGNORE_INDEX`` (-100); every other array
+  must have ``N`` rows.
+
+  Args:
+    arrays: ``{name: array}``, e.g. from :func:`read_npz`.
+    path: the file, named in the messages.
+    vocab: the teacher's vocabulary size.
+    prefix: e.g. ``"chosen_"`` for the ``chosen_tokens`` of preference pairs.
+
+  Returns:
+    ``(N, T)``.
+
+  Raises:
+    ValueError: naming the file, the array and its shape or its first bad id.
+
+  >>> ex = synthetic_lm_examples(2, 3, 9)
+  >>> check_token_arrays(ex, "a.npz", vocab=9)
+  (2, 3)
+  >>> check_token_arrays({**ex, "labels": ex["labels"][:, :2]}, "a.npz", vocab=9)
+  ... # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ValueError: a.npz: 'labels' has shape (2, 2) but 'tokens' has shape (2, 3); every [N, T] ...
+  """
+  name = f"{prefix}tokens"
+  tokens = np.asarray(arrays[name])
+  if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"{path}: {name!r} must be a 2-D [N, T] array of integer token ids; it has"
+                     f" shape {tokens.shape} and dtype {tokens.dtype}.")
+  if not tokens.size:
+    raise ValueError(f"{path}: {name!r} is empty (shape {tokens.shape}); the file holds no"
+                     " examples.")
+  for field in SEQUENCE_FIELDS:
+    other = f"{prefix}{field}"
+    if other not in arrays:
+      continue
+    value = np.asarray(arrays[other])
+    if value.shape != tokens.shape:
+      why = ("labels[i, t] is the token after tokens[i, t]" if field == "labels"
+             else f"{other}[i, t] belongs to {name}[i, t]")
+      raise ValueError(f"{path}: {other!r} has shape {value.shape} but {name!r} has shape"
+                       f" {tokens.shape}; every [N, T] array must have the tokens' shape"
+                       f" ({why}): write the file again with matching arrays.")
+    if field != "loss_mask" and not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"{path}: {other!r} must hold integers; it has dtype {value.dtype}.")
+  n = tokens.shape[0]
+  for other, value in arrays.items():
+    if other.startswith(prefix) and (np.ndim(value) == 0 or np.shape(value)[0] != n):
+      raise ValueError(f"{path}: {other!r} has shape {np.shape(value)} but {name!r} has {n}"
+                       f" rows (shape {tokens.shape}); every array needs one row per example.")
+  bad = (tokens < 0) | (tokens >= vocab)
+  if bad.any():
+    raise ValueError(f"{path}: token ids outside [0, {vocab}) (the teacher's vocabulary) in"
+                     f" {name!r}: {_first_bad(tokens, bad)}; tokenize with the teacher's"
+                     " tokenizer.")
+  labels = np.asarray(arrays[f"{prefix}labels"])
+  bad = ((labels < 0) | (labels >= vocab)) & (labels != IGNORE_INDEX)
+  if bad.any():
+    raise ValueError(f"{path}: label ids outside [0, {vocab}) (the teacher's vocabulary) and"
+                     f" not the ignore id {IGNORE_INDEX} in {prefix + 'labels'!r}:"
+                     f" {_first_bad(labels, bad)}; tokenize with the teacher's tokenizer and"
+                     f" mark positions without a target with {IGNORE_INDEX}.")
+  return tuple(int(d) for d in tokens.shape)

@@ -48,6 +48,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jkd import errors
 from jkd.data import store
 
 
@@ -174,18 +175,52 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
   return out
 
 
+def read_text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """``(line number, line)`` of a UTF-8 text file, its lines as text mode reads them.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: a line that is not UTF-8 (the message names the file, line, byte and column).
+
+  >>> import os, tempfile
+  >>> f = os.path.join(tempfile.mkdtemp(), "t.txt")
+  >>> _ = open(f, "wb").write(b"ok\\r\\n\\xff!\\n")
+  >>> next(read_text_lines(f))
+  (1, 'ok\\n')
+  >>> list(read_text_lines(f))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ValueError: ...t.txt:2: not UTF-8 text (byte 0xff at column 1); re-save the file as UTF-8.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no file at {path!r}; check the path.")
+  lineno = 0
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        column = len(raw[:e.start].decode("utf-8")) + 1
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x}"
+                         f" at column {column}); re-save the file as UTF-8.") from None
+      # Universal newlines, as text mode: "\r\n" and a lone "\r" end a line too.
+      pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+      lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+      for line in lines:
+        lineno += 1
+        yield lineno, line
+
+
 def _lines(path: str) -> Iterator[tuple[str, Any]]:
   """``(where, parsed record)`` for every non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{i}"
-      try:
-        yield where, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must"
-                         " be one JSON object.") from None
+  for i, line in read_text_lines(path):
+    if not line.strip():
+      continue
+    where = f"{path}:{i}"
+    try:
+      yield where, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must"
+                       " be one JSON object.") from None
 
 
 def _first_keys(path: str) -> tuple[str, Any]:
@@ -315,4 +350,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run_main(main)

@@ -118,13 +118,17 @@ def _random_fields(spec: str, arg: str) -> tuple[dict[str, Any], int]:
 
 def model_config(spec: str) -> models.ModelConfig:
   """The config of the model a spec names, reading no weights (a GGUF file excepted: its config
-  is read with its tensors)."""
+  is read with its tensors).
+
+  Raises:
+    ValueError: a bad spec, or a damaged ``config.json`` or GGUF file (the message names it).
+    FileNotFoundError: the file or directory does not exist.
+  """
   kind, arg = parse_spec(spec)
   if kind == "random":
     return models.ModelConfig(**_random_fields(spec, arg)[0])
   if kind == "hf":
-    with open(os.path.join(arg, "config.json")) as f:
-      return models.ModelConfig.from_hf(json.load(f))
+    return models.hf.load_config(arg)
   path = models.smollm2_gguf_path() if kind == "smollm2" else arg
   return models.load_gguf(path)[0]
 
@@ -133,7 +137,7 @@ def load_model(spec: str) -> LoadedModel:
   """Loads a model and its tokenizer from a spec (see the module docstring).
 
   Raises:
-    ValueError: a bad spec (naming the forms it can take).
+    ValueError: a bad spec (naming the forms it can take), or a damaged model file (naming it).
     FileNotFoundError: the file or directory does not exist.
   """
   kind, arg = parse_spec(spec)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jkd import errors
 from jkd import runtime
 from jkd.data import scoring
 from jkd.data import store
@@ -586,4 +587,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  sys.exit(main())
+  errors.run_main(main)

@@ -139,10 +139,22 @@ def find_dataset(path: str) -> str:
                           " a version subdirectory); build it first.")
 
 
+def _builder(path: str):
+  """The TFDS builder of a dataset directory; an unreadable one is a ValueError naming it."""
+  path = find_dataset(path)
+  try:
+    builder = _tfds().builder_from_directory(path)
+    builder.info.metadata  # noqa: B018  (reads metadata.json)
+  except Exception as e:  # noqa: BLE001  (TFDS raises protobuf, JSON and OS errors)
+    raise ValueError(f"{path}: not a readable TFDS dataset ({type(e).__name__}: {e}); its"
+                     " dataset_info.json or metadata.json is damaged: build the dataset again"
+                     " (delete the directory first).") from e
+  return path, builder
+
+
 def open_split(path: str, split: str):
   """A random-access source (``len``, ``[i]`` -> dict of numpy values) of one split."""
-  path = find_dataset(path)
-  builder = _tfds().builder_from_directory(path)
+  path, builder = _builder(path)
   if split not in builder.info.splits:
     raise ValueError(f"dataset {path!r} has no split {split!r}; it has"
                      f" {sorted(builder.info.splits)}.")
@@ -151,5 +163,4 @@ def open_split(path: str, split: str):
 
 def read_metadata(path: str) -> dict[str, Any]:
   """The ``metadata`` given to :func:`write_dataset`."""
-  builder = _tfds().builder_from_directory(find_dataset(path))
-  return dict(builder.info.metadata or {})
+  return dict(_builder(path)[1].info.metadata or {})

@@ -43,9 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jkd import errors
 from jkd import models
 from jkd import runtime
 from jkd.data.model_spec import load_model
+from jkd.data import arrays as arrays_lib
 from jkd.data import store
 from jkd.data import examples
 
@@ -161,15 +163,18 @@ def _check_example(i: int, ex: Mapping[str, Any], seq_len: int | None, optional:
     raise ValueError(f"example {i} lacks {missing}: cache examples need tokens, labels and"
                      f" loss_mask (as jkd.data.examples makes them); it has {sorted(ex)}.")
   out = {}
+  length, source = seq_len, "the first example's length"
   for f in ("tokens", "labels", "loss_mask") + optional:
     if f not in ex:
       raise ValueError(f"example {i} lacks {f!r}, which the first example has; every example"
                        " needs the same fields.")
     v = np.asarray(ex[f])
-    if v.ndim != 1 or (seq_len is not None and v.shape[0] != seq_len):
-      raise ValueError(f"example {i}: {f} has shape {list(v.shape)}, expected [{seq_len}] (the"
-                       " first example's length); pad every example to one length"
+    if v.ndim != 1 or (length is not None and v.shape[0] != length):
+      raise ValueError(f"example {i}: {f} has shape {list(v.shape)}, expected [{length}]"
+                       f" ({source}); pad every example to one length"
                        " (jkd.data.examples.pad_example).")
+    if length is None:  # the first example: its tokens set the length
+      length, source = v.shape[0], "the length of its tokens"
     out[f] = v.astype(bool) if f == "loss_mask" else v.astype(np.int32)
   bad = (out["tokens"] < 0) | (out["tokens"] >= vocab)
   if bad.any():
@@ -368,14 +373,10 @@ def check_cache(path: str, *, vocab: int, k: int | None = None,
 # CLI
 
 
-def _npz_examples(path: str, seq_len: int | None) -> dict[str, np.ndarray]:
-  with np.load(path) as data:
-    arrays = {key: data[key] for key in data.files}
-  missing = [f for f in ("tokens", "labels", "loss_mask") if f not in arrays]
-  if missing:
-    raise ValueError(f"{path}: lacks arrays {missing}; an .npz for the cache holds [N, T] arrays"
-                     f" tokens, labels and loss_mask (it has {sorted(arrays)}).")
-  t = arrays["tokens"].shape[-1]
+def _npz_examples(path: str, seq_len: int | None, vocab: int) -> dict[str, np.ndarray]:
+  arrays = arrays_lib.read_npz(path, ("tokens", "labels", "loss_mask"),
+                               what="an .npz for the teacher cache")
+  t = arrays_lib.check_token_arrays(arrays, path, vocab=vocab)[1]
   if seq_len is not None and t != seq_len:
     raise ValueError(f"{path}: tokens have length {t} but --seq_len is {seq_len}; pass"
                      f" --seq_len {t} or re-tokenize.")
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> str:
   teacher = load_model(args.teacher)
   counts: dict[str, int] = collections.Counter()
   if args.dataset.endswith(".npz"):
-    examples: Any = _npz_examples(args.dataset, args.seq_len)
+    examples: Any = _npz_examples(args.dataset, args.seq_len, teacher.config.vocab_size)
     if args.limit is not None:
       examples = {key: v[:args.limit] for key, v in examples.items()}
   else:
@@ -455,4 +456,4 @@ def main(argv: list[str] | None = None) -> str:
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  main()
+  errors.run_main(main)

@@ -95,13 +95,21 @@ def smollm2_gguf_path() -> str:
 
 
 def _reader(path: str):
+  """A ``gguf.GGUFReader``; a missing, truncated or foreign file is a clear error."""
   import gguf
+  path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path!r}.")
+    raise FileNotFoundError(f"no GGUF file at {path!r}; check the path.")
   try:
     return gguf.GGUFReader(path)
-  except ValueError as e:
-    raise ValueError(f"{path!r} is not a readable GGUF file: {e}") from e
+  except Exception as e:  # noqa: BLE001  (gguf raises ValueError, IndexError, KeyError, ...)
+    with open(path, "rb") as f:
+      magic = f.read(4)
+    what = ("truncated or damaged" if magic == b"GGUF" else
+            f"not a GGUF file (it starts with {magic!r} instead of b'GGUF')")
+    raise ValueError(f"{path!r} is not a readable GGUF file ({os.path.getsize(path)} bytes;"
+                     f" {type(e).__name__}: {e}): it is {what}. Download or export it again."
+                     ) from e
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -314,6 +322,7 @@ def load_gguf(path: str, *, shardings: PyTree | None = None,
   permuted = ({"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
               if config.architecture == "llama" else {})
   state: dict[str, np.ndarray] = {}
+  files: dict[str, str] = {}
   for name, tensor in tensors.items():
     if name == _ROPE_FREQS:
       continue
@@ -322,7 +331,12 @@ def load_gguf(path: str, *, shardings: PyTree | None = None,
     if heads and value.shape[0] % (2 * heads) == 0:  # else the shape check below reports it
       value = _unpermute(value, heads)
     state[_hf_name(name)] = value
-  return config, hf.place(hf.params_from_state_dict(state, config), shardings)
+    files[_hf_name(name)] = f"{path} (GGUF tensor {name!r})"
+  source = f"the GGUF metadata of {path}" + (f" and the overrides {config_overrides}"
+                                              if config_overrides else "")
+  params = hf.params_from_state_dict(state, config, checkpoint=path, files=files,
+                                     config_source=source)
+  return config, hf.place(params, shardings)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -440,7 +454,8 @@ def load_tokenizer(source: str):
 
   Raises:
     FileNotFoundError: ``source`` does not exist, or the directory holds no tokenizer.
-    ValueError: the GGUF holds no tokenizer, or one of an unsupported kind.
+    ValueError: the GGUF holds no tokenizer, or one of an unsupported kind; a damaged GGUF file
+      or tokenizer file (the message names it).
     ImportError: ``transformers`` is not installed (it comes with ``jkd[train]``).
   """
   runtime.require("transformers", "load_tokenizer")
@@ -456,7 +471,14 @@ def load_tokenizer(source: str):
                             " with the model (save_hf(..., tokenizer=tokenizer)) or pass the"
                             " teacher's .gguf file or Hugging Face directory.")
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(source)
+  try:
+    return AutoTokenizer.from_pretrained(source)
+  except ImportError:
+    raise
+  except Exception as e:  # noqa: BLE001  (tokenizers and transformers raise many kinds)
+    raise ValueError(f"the tokenizer files in {source!r} cannot be read ({type(e).__name__}:"
+                     f" {e}); they are damaged or incomplete: download or save them again."
+                     ) from e
 
 
 def check_vocab(tokenizer, config: ModelConfig, *, allow_padded: bool = True) -> None:

@@ -66,23 +66,93 @@ def _get(tree, path):
   return tree
 
 
+#: Hugging Face tensor name (after ``model.layers.N.`` for a layer's) -> its shape, in
+#: :class:`ModelConfig` fields (``a*b`` is a product).
+_HF_SHAPES: dict[str, tuple[str, ...]] = {
+    "model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+    "model.norm.weight": ("hidden_size",),
+    "lm_head.weight": ("vocab_size", "hidden_size"),
+    "self_attn.q_proj.weight": ("num_heads*head_dim", "hidden_size"),
+    "self_attn.k_proj.weight": ("num_kv_heads*head_dim", "hidden_size"),
+    "self_attn.v_proj.weight": ("num_kv_heads*head_dim", "hidden_size"),
+    "self_attn.o_proj.weight": ("hidden_size", "num_heads*head_dim"),
+    "self_attn.q_proj.bias": ("num_heads*head_dim",),
+    "self_attn.k_proj.bias": ("num_kv_heads*head_dim",),
+    "self_attn.v_proj.bias": ("num_kv_heads*head_dim",),
+    "self_attn.q_norm.weight": ("head_dim",),
+    "self_attn.k_norm.weight": ("head_dim",),
+    "input_layernorm.weight": ("hidden_size",),
+    "post_attention_layernorm.weight": ("hidden_size",),
+    "mlp.gate_proj.weight": ("intermediate_size", "hidden_size"),
+    "mlp.up_proj.weight": ("intermediate_size", "hidden_size"),
+    "mlp.down_proj.weight": ("hidden_size", "intermediate_size"),
+    "block_sparse_moe.gate.weight": ("num_experts", "hidden_size"),
+    "w1.weight": ("intermediate_size", "hidden_size"),
+    "w3.weight": ("intermediate_size", "hidden_size"),
+    "w2.weight": ("hidden_size", "intermediate_size"),
+}
+
+
+def _expected_shape(name: str, config: ModelConfig) -> tuple[tuple[int, ...], str] | None:
+  """``(shape, "(fields) with field=value, ...")`` that ``config`` implies for a tensor."""
+  key = next((k for k in _HF_SHAPES if name == k or name.endswith("." + k)), None)
+  if key is None:
+    return None
+  fields = _HF_SHAPES[key]
+  values = {"head_dim": config.dim_per_head}
+  shape = []
+  for dim in fields:
+    size = 1
+    for field in dim.split("*"):
+      values.setdefault(field, getattr(config, field))
+      size *= int(values[field])
+    shape.append(size)
+  used = ", ".join(f"{f}={values[f]}" for f in dict.fromkeys(
+      f for dim in fields for f in dim.split("*")))
+  return tuple(shape), f"({', '.join(fields)}) with {used}"
+
+
 def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig,
-                           *, dtype: Any = None) -> PyTree:
+                           *, dtype: Any = None, checkpoint: str = "checkpoint",
+                           files: Mapping[str, str] | None = None,
+                           config_source: str = "") -> PyTree:
   """Host (NumPy) jkd parameters from a Hugging Face state dict of NumPy arrays.
 
+  Every tensor's shape is checked against the one ``config`` implies before it is converted.
+
+  Args:
+    state: ``{Hugging Face name: array}``.
+    config: the model's config.
+    dtype: the parameters' dtype (default ``config.param_dtype``).
+    checkpoint: what ``state`` was read from (a directory or file), named in errors.
+    files: where each tensor was read (e.g. its safetensors file), named in errors.
+    config_source: where ``config`` came from (e.g. the ``config.json`` path), named in errors.
+
   Raises:
-    ValueError: a tensor missing, or of a shape that does not match ``config``.
+    ValueError: a tensor missing, or of a shape that does not match ``config`` (the message
+      names the file, the tensor, both shapes and the config fields that imply the expected
+      one).
   """
   dtype = jnp.dtype(dtype or config.param_dtype)
   expected = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  files = files or {}
 
   def take(name: str) -> np.ndarray:
     if name not in state:
       near = [k for k in state if k.split(".")[-2:] == name.split(".")[-2:]][:3]
-      raise ValueError(f"checkpoint has no tensor {name!r}" + (f" (it has e.g. {near})" if near
-                                                                 else "")
+      raise ValueError(f"{checkpoint} has no tensor {name!r}" + (f" (it has e.g. {near})"
+                                                                   if near else "")
                        + f"; is it a {config.architecture} model with {config.num_layers} layers?")
-    return np.asarray(state[name], np.float32)
+    value = np.asarray(state[name], np.float32)
+    want = _expected_shape(name, config)
+    if want is not None and value.shape != want[0]:
+      source = f", from {config_source}" if config_source else ""
+      raise ValueError(f"{files.get(name, checkpoint)}: tensor {name!r} has shape {value.shape}"
+                       f" in the checkpoint but {want[0]} in the config ({want[1]}{source}):"
+                       " the weights and the config belong to different models. Use the"
+                       " config.json saved with these weights, or download or export the"
+                       " checkpoint again.")
+    return value
 
   params: dict = {}
   _set(params, ("embed", "embedding"), take("model.embed_tokens.weight"))
@@ -125,36 +195,116 @@ def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.nd
   return state
 
 
-def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-  """All tensors of a Hugging Face directory: ``model.safetensors`` or a sharded index."""
-  from safetensors.numpy import load_file
+def _read_json(path: str, what: str) -> Any:
+  """A JSON file of a checkpoint; an unreadable one is a ValueError naming it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start});"
+                     f" the {what} is damaged: download or save it again.") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno});"
+                     f" the {what} is damaged: download or save it again.") from None
+
+
+def _check_directory(directory: str) -> str:
+  directory = os.path.expanduser(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no Hugging Face model directory at {directory!r}; check the path"
+                            " (it must hold config.json and the safetensors weights).")
+  return directory
+
+
+def _safetensors_files(directory: str) -> list[str]:
+  """The weight files of a directory (those its index names, or ``model.safetensors``)."""
   index = os.path.join(directory, "model.safetensors.index.json")
   single = os.path.join(directory, "model.safetensors")
   if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(single):
-    files = ["model.safetensors"]
-  else:
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in"
-                            f" {directory!r} (PyTorch .bin checkpoints are not read: convert"
-                            " them to safetensors).")
+    weight_map = _read_json(index, "checkpoint index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index}: has no \"weight_map\" of tensor names to files; the index is"
+                       " damaged: download or save it again.")
+    files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise FileNotFoundError(f"{index} names weight files that are missing: {missing[:3]}"
+                              f"{' ...' if len(missing) > 3 else ''}; the download is incomplete:"
+                              " download the missing shards.")
+    return files
+  if os.path.exists(single):
+    return [single]
+  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in"
+                          f" {directory!r} (PyTorch .bin checkpoints are not read: convert"
+                          " them to safetensors).")
+
+
+def _read_safetensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """``(state, {tensor name: its file})`` of a Hugging Face directory."""
+  from safetensors.numpy import load_file
   state: dict[str, np.ndarray] = {}
-  for name in files:
-    state.update(_load_any_dtype(os.path.join(directory, name), load_file))
-  return state
+  files: dict[str, str] = {}
+  for path in _safetensors_files(_check_directory(directory)):
+    tensors = _load_any_dtype(path, load_file)
+    state.update(tensors)
+    files.update(dict.fromkeys(tensors, path))
+  return state, files
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of a Hugging Face directory: ``model.safetensors`` or a sharded index.
+
+  Raises:
+    FileNotFoundError: no directory, no weights, or a shard the index names is missing.
+    ValueError: a damaged index or weight file (the message names it).
+  """
+  return _read_safetensors(directory)[0]
 
 
 def _load_any_dtype(path, load_file):
+  from safetensors import SafetensorError
   try:
-    return load_file(path)
-  except (TypeError, ValueError):  # bf16 tensors: NumPy has no bfloat16, read raw through JAX.
-    from safetensors import safe_open
-    out = {}
-    with safe_open(path, framework="flax") as f:
-      for k in f.keys():
-        out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
-    return out
+    try:
+      return load_file(path)
+    except (TypeError, ValueError):  # bf16 tensors: NumPy has no bfloat16, read raw through JAX.
+      from safetensors import safe_open
+      out = {}
+      with safe_open(path, framework="flax") as f:
+        for k in f.keys():
+          out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+      return out
+  except SafetensorError as e:
+    reason = str(e).removeprefix("Error while deserializing header: ")
+    raise ValueError(f"{path}: not a readable safetensors file ({reason}); the download may be"
+                     f" incomplete ({os.path.getsize(path)} bytes): download it again.") from None
+
+
+def load_config(directory: str, **config_overrides) -> ModelConfig:
+  """The :class:`ModelConfig` of a Hugging Face model directory's ``config.json``.
+
+  Raises:
+    FileNotFoundError: no directory, or no ``config.json`` in it.
+    ValueError: a ``config.json`` that is not JSON, or that jkd cannot read (the message names
+      it).
+  """
+  directory = _check_directory(directory)
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face model"
+                            " directory.")
+  raw = _read_json(path, "config")
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path}: must hold a JSON object of the model's hyper-parameters, not a"
+                     f" {type(raw).__name__}.")
+  try:
+    return ModelConfig.from_hf(raw, **config_overrides)
+  except KeyError as e:
+    raise ValueError(f"{path}: lacks {e.args[0]!r}, which jkd needs to build the model; the file"
+                     " is damaged or not a decoder's config: download it again.") from None
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
 def load_hf(directory: str, *, shardings: PyTree | None = None,
@@ -169,14 +319,19 @@ def load_hf(directory: str, *, shardings: PyTree | None = None,
 
   Returns:
     ``(config, params)``.
+
+  Raises:
+    FileNotFoundError: no directory, no ``config.json``, no weights, or a missing shard.
+    ValueError: a damaged ``config.json``, index or weight file, or a tensor whose shape does
+      not match the config (the message names the file and the tensor).
   """
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face model"
-                            " directory.")
-  with open(config_path) as f:
-    config = ModelConfig.from_hf(json.load(f), **config_overrides)
-  host = params_from_state_dict(read_safetensors(directory), config)
+  config = load_config(directory, **config_overrides)
+  state, files = _read_safetensors(directory)
+  source = os.path.join(os.path.expanduser(os.fspath(directory)), "config.json")
+  if config_overrides:
+    source += f" and the overrides {config_overrides}"
+  host = params_from_state_dict(state, config, checkpoint=directory, files=files,
+                                config_source=source)
   return config, place(host, shardings)
 
 

@@ -144,22 +144,23 @@ def split_by_domain(paths, out_dir: str) -> dict[str, str]:
     ``{domain: path}`` in order of first appearance.
 
   Raises:
-    ValueError: a line without a non-empty string ``domain`` (file and line named).
+    ValueError: a line that is not UTF-8 JSON or lacks a non-empty string ``domain`` (file and
+      line named).
   """
   groups: dict[str, list[str]] = {}
   for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          domain = json.loads(line).get("domain")
-        except (json.JSONDecodeError, AttributeError):
-          raise ValueError(f"{path}:{line_no}: not a JSON object.") from None
-        if not isinstance(domain, str) or not domain:
-          raise ValueError(f"{path}:{line_no}: DDK needs a non-empty 'domain' field on every"
-                           " line (e.g. \"domain\": \"code\").")
-        groups.setdefault(domain, []).append(line.rstrip("\n"))
+    for line_no, line in jsonl.read_text_lines(path):
+      if not line.strip():
+        continue
+      try:
+        domain = json.loads(line).get("domain")
+      except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}:{line_no}: not a JSON object; each line must be one JSON"
+                         " object with a 'domain' field.") from None
+      if not isinstance(domain, str) or not domain:
+        raise ValueError(f"{path}:{line_no}: DDK needs a non-empty 'domain' field on every"
+                         " line (e.g. \"domain\": \"code\").")
+      groups.setdefault(domain, []).append(line.rstrip("\n"))
   os.makedirs(out_dir, exist_ok=True)
   out = {}
   for domain, lines in groups.items():

@@ -7,21 +7,21 @@ import os
 
 import numpy as np
 
-from jkd.data.arrays import ArraySource, synthetic_lm_examples
-from jkd.losses import IGNORE_INDEX
+from jkd.data.arrays import ArraySource, check_token_arrays, read_npz, synthetic_lm_examples
 
 
 def load_npz(path: str, vocab: int) -> dict[str, np.ndarray]:
-  """The arrays of an ``.npz`` of ``tokens`` and ``labels`` (ids checked against ``vocab``)."""
-  with np.load(os.path.expanduser(path)) as f:
-    ex = {k: f[k] for k in f.files}
-  if "tokens" not in ex or "labels" not in ex:
-    raise ValueError(f"{path!r} needs 'tokens' and 'labels' arrays; it has {sorted(ex)}.")
-  labels = ex["labels"][ex["labels"] != IGNORE_INDEX]
-  for name, ids in (("token", ex["tokens"]), ("label", labels)):
-    if ids.size and (ids.max() >= vocab or ids.min() < 0):
-      raise ValueError(f"{path!r} has {name} ids outside [0, {vocab}) (the teacher's"
-                       " vocabulary; labels may also be -100).")
+  """The arrays of an ``.npz`` of ``tokens`` and ``labels`` (and optionally ``loss_mask``).
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: an unreadable file, a missing array, arrays of other shapes than ``tokens``,
+      non-integer ids, or ids outside ``[0, vocab)`` (labels may also be -100); the message
+      names the file and the array (:func:`jkd.data.arrays.check_token_arrays`).
+  """
+  path = os.path.expanduser(path)
+  ex = read_npz(path, ("tokens", "labels"), what="data.source='npz'")
+  check_token_arrays(ex, path, vocab=vocab)
   return ex
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from jkd import models
 from jkd.data import corpus
 from jkd.data import preference
-from jkd.data.arrays import ArraySource
+from jkd.data.arrays import ArraySource, check_token_arrays, read_npz
 from jkd.data.source import BatchSource
 from jkd.train import config
 
@@ -52,23 +52,21 @@ def load_pairs(path: str, *, vocab: int) -> dict[str, np.ndarray]:
     ``{name: [N, ...] array}``.
 
   Raises:
-    ValueError: not an ``.npz``, a missing field, or ids outside the vocabulary.
+    FileNotFoundError: no file at ``path``.
+    ValueError: not an ``.npz``, a missing field, arrays of mismatched shapes, or ids outside
+      the vocabulary (the message names the file and the array).
   """
   path = os.path.expanduser(path)
   if not path.endswith(".npz"):
     raise ValueError(f"data.path {path!r}: data.source='pairs' reads an .npz of tokenized pairs;"
                      " for JSONL text pairs use data.source='preference'.")
-  with np.load(path) as f:
-    arrays = {k: f[k] for k in f.files}
-  missing = [k for k in _PAIR_FIELDS if k not in arrays]
-  if missing:
-    raise ValueError(f"{path}: pairs need {list(_PAIR_FIELDS)}; missing {missing} (the file has"
-                     f" {sorted(arrays)}).")
-  for name in ("chosen_tokens", "rejected_tokens"):
-    ids = arrays[name]
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-      raise ValueError(f"{path}: {name} hold ids outside [0, {vocab}) (the teacher's"
-                       " vocabulary): tokenize with the teacher's tokenizer.")
+  arrays = read_npz(path, _PAIR_FIELDS, what="data.source='pairs'")
+  chosen = check_token_arrays(arrays, path, vocab=vocab, prefix="chosen_")
+  rejected = check_token_arrays(arrays, path, vocab=vocab, prefix="rejected_")
+  if chosen != rejected:
+    raise ValueError(f"{path}: 'chosen_tokens' has shape {chosen} but 'rejected_tokens' has"
+                     f" shape {rejected}; pairs need both sides padded to one [N, T] shape"
+                     " (jkd.data.preference.tokenize_pairs).")
   return arrays
 
 
