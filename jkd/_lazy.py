@@ -8,12 +8,15 @@ from typing import Callable
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Callable]:
   """``(__getattr__, __dir__)`` for ``package`` whose public name ``n`` lives in the module
-  ``package + "." + exports[n]``; assign them at the end of the package's ``__init__``."""
+  ``package + "." + exports[n]`` (or ``exports[n]`` itself when it starts with ``jkd.``);
+  assign them at the end of the package's ``__init__``."""
   namespace = importlib.import_module(package).__dict__
 
   def __getattr__(name):  # noqa: N807
     if name in exports:
-      value = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+      module = exports[name]
+      module = module if module.startswith("jkd.") else f"{package}.{module}"
+      value = getattr(importlib.import_module(module), name)
       namespace[name] = value
       return value
     raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -144,5 +144,5 @@ def test_cpu_variant_trains(name, tmp_path):
     # Resuming keeps the weights: the data state holds them.
     with cfg.unlocked():
       cfg.train.steps = 6
-    loop.train(cfg, workdir)
+    loop.train(cfg, workdir, allow_config_change=["train.steps"])
     assert len([m for m in read_metrics(workdir) if "loss/total" in m]) == 6

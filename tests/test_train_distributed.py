@@ -1,13 +1,17 @@
 """``python -m jkd.train`` as two JAX processes (one CPU device each, gloo collectives) started
 from the JAX_* environment variables: SIGTERM to one process stops both at the same step with a
-checkpoint; the pair resumes from it with the numbers of one process; a hung peer then makes the
-other exit with an error within the heartbeat timeout."""
+checkpoint; the pair resumes from it with the numbers of one process; a hung (SIGSTOP) or killed
+(SIGKILL) peer then makes the other print one ``error:`` line first and exit with code 6 within
+the heartbeat timeout."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
+
+from jkd import errors
 
 from test_train_loop import (checkpoint_steps, finish, last_step, reference,  # noqa: F401
                              shared, start, wait_for)
@@ -20,9 +24,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+HEARTBEAT_S = 3
+# The survivor's line (jkd.train.distributed), and what must not come before it.
+PEER_LINE = re.compile(r"^error: process 1 of 2 stopped responding \(no heartbeat for 3 s;"
+                       r" distributed\.heartbeat_timeout_s\); this process stops too\. The last"
+                       r" checkpoint is intact: restart all processes to resume\.$", re.M)
+DUMPS = ("Traceback", "Fatal Python error", "Thread 0x", "Check failure", "Terminating process")
+
+
+def assert_peer_failure_reported(code, err, waited):
+  """Exit code 6, the one line, nothing of a traceback or an abort before it, in time."""
+  assert code == errors.EXIT_PEER, (code, err[-3000:])
+  line = PEER_LINE.search(err)
+  assert line, err[-3000:]
+  before = err[:line.start()]
+  assert not any(d in before for d in DUMPS), before[-3000:]
+  assert "error: " not in before, before[-3000:]  # The first error line names the peer.
+  assert waited < HEARTBEAT_S + 7, waited
+
+
 def start_pair(shared, workdir):  # noqa: F811
   port = free_port()
-  return [start(shared, workdir, "--config.distributed.heartbeat_timeout_s=3", env={
+  return [start(shared, workdir, f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}", env={
       "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
       "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
           for i in range(2)]
@@ -57,7 +80,24 @@ def test_preemption_resume_and_a_hung_peer(shared, reference, tmp_path):  # noqa
   finally:
     procs[1].kill()
     procs[1].wait()
-  assert code != 0 and "heartbeat" in err, err[-3000:]
-  assert waited < 30, waited
+  assert_peer_failure_reported(code, err, waited)
   assert last_step(workdir) >= stopped + 3
   assert_close_to(workdir, reference, prefix=True)
+
+
+def test_a_killed_peer(shared, tmp_path):  # noqa: F811
+  """SIGKILL: the survivor's collective fails at once (the connection closes); the watchdog
+  still names the peer, before any traceback, and the exit code is 6."""
+  workdir = tmp_path / "run"
+  procs = start_pair(shared, workdir)
+  try:
+    wait_for(procs[0], lambda: last_step(workdir) >= 2, "step 2")
+    procs[1].kill()
+    killed_at = time.monotonic()
+    code, _, err = finish(procs[0], timeout=60)
+    waited = time.monotonic() - killed_at
+  finally:
+    for proc in procs:
+      proc.kill()
+      proc.wait()
+  assert_peer_failure_reported(code, err, waited)

@@ -26,6 +26,7 @@ import pytest
 
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import loop
+from jkd.errors import CheckpointMismatchError, ConfigChangedError
 from jkd.train.writer import read_metrics
 from recipe_configs import load_config
 
@@ -280,8 +281,11 @@ def test_bad_config_values_are_errors(tmp_path, overrides, message):
 def test_other_model_shape_is_an_error_and_leaves_checkpoints(reference, tmp_path):
   workdir = copy_run(reference, tmp_path)
   before = snapshot(workdir / "checkpoints")
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(ConfigChangedError, match=r"student.every: 2 -> 1\n.*"
+                     "--allow_config_change=student.every"):
     loop.train(tiny_config(student__every=1), str(workdir))  # 4 layers instead of 2
+  with pytest.raises(CheckpointMismatchError) as e:  # Accepted, the shapes still differ.
+    loop.train(tiny_config(student__every=1), str(workdir), allow_config_change=["student"])
   message = str(e.value)
   assert "params/layers/attn/k/kernel: checkpoint (2, 32, 2, 8) vs model (4, 32, 2, 8)" in (
       message), message
@@ -342,7 +346,7 @@ def test_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(shared, refere
   code, _, err = finish(start(shared, workdir,
                               python_args=["-c", NAN_DRIVER, CONFIG, str(workdir)]))
   assert code != 0
-  assert "NonFiniteError: 3 non-finite steps in a row" in err, err[-3000:]
+  assert "NonFiniteError: 3 non-finite steps in a row (the loss was NaN/inf;" in err, err[-3000:]
   assert f"the last checkpoint, {workdir / 'checkpoints' / '4'}, is intact" in err
   lines = exact(workdir)
   assert lines[:5] == [m for m in exact(reference) if m["step"] <= 5 and "loss/total" in m]

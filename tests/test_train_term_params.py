@@ -62,7 +62,8 @@ def test_hidden_state_distillation_across_widths_trains_its_projections(tmp_path
   cfg2 = _load_config("hidden_kd", "cpu")
   cfg2.train.steps = cfg.train.steps + 2
   cfg2.checkpoint.update(dict(every=2, keep=2))
-  assert stages.run(cfg2, workdir)["step"] == cfg.train.steps + 2
+  assert stages.run(cfg2, workdir, allow_config_change=["train.steps"])["step"] == (
+      cfg.train.steps + 2)
 
 
 _USER_CONFIG = textwrap.dedent('''

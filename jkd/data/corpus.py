@@ -31,15 +31,17 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jkd import errors
 from jkd import runtime
 from jkd import sampling
 from jkd.data import store
+from jkd.data.jsonl import read_text_lines
 from jkd.data.model_spec import load_model
 from jkd.data.teacher_cache import teacher_fingerprint
 
@@ -97,8 +99,9 @@ def read_prompts(path: str, *, keep: bool = False) -> list[dict[str, Any]]:
     ``[{"id": str, "prompt": str, "domain": str, ...}, ...]`` in file order.
 
   Raises:
-    ValueError: a line that is not a JSON object with a non-empty ``prompt``, a repeated id, or
-      no prompt at all (the message names the file and line).
+    ValueError: a line that is not UTF-8 or not a JSON object with a non-empty ``prompt``, a
+      repeated id, or no prompt at all (the message names the file and line).
+    FileNotFoundError: no file at ``path``.
 
   >>> import os, tempfile
   >>> path = os.path.join(tempfile.mkdtemp(), "p.txt")
@@ -108,22 +111,21 @@ def read_prompts(path: str, *, keep: bool = False) -> list[dict[str, Any]]:
   """
   records, wheres = [], []
   jsonl = os.fspath(path).endswith(".jsonl")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      if not jsonl:
-        records.append({"id": str(lineno), "prompt": line.rstrip("\n"), "domain": ""})
-        wheres.append(where)
-        continue
-      try:
-        raw = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one object like"
-                         ' {"id": "w001", "prompt": "...", "domain": "writing"}.') from None
-      records.append(_prompt_record(raw, where, str(lineno), keep))
+  for lineno, line in read_text_lines(path):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    if not jsonl:
+      records.append({"id": str(lineno), "prompt": line.rstrip("\n"), "domain": ""})
       wheres.append(where)
+      continue
+    try:
+      raw = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one object like"
+                       ' {"id": "w001", "prompt": "...", "domain": "writing"}.') from None
+    records.append(_prompt_record(raw, where, str(lineno), keep))
+    wheres.append(where)
   if not records:
     raise ValueError(f"{path}: holds no prompts.")
   _check_unique(records, wheres)
@@ -323,9 +325,10 @@ def _answer_prompts(records: Sequence[Mapping[str, str]], done: dict[str, dict[s
                     partial: str, *, params: PyTree, config, tokenizer, seed: int,
                     batch_size: int, max_new_tokens: int, temperature: float, top_p: float,
                     chat_template: bool, stops: Sequence[int], name: str,
-                    progress: bool) -> None:
+                    progress: bool, should_stop: Callable[[], bool] | None = None) -> bool:
   """Answers the batches holding prompts not in ``done``, adding their records to ``done`` and
-  appending them to a new part file (flushed and fsynced after every batch)."""
+  appending them to a new part file (flushed and fsynced after every batch); returns False
+  when ``should_stop()`` said so before a batch (the batches written are kept)."""
   bar = tqdm(total=len(records), initial=len(done), desc=f"corpus {name}", unit="prompt",
              disable=not progress)
   key = jax.random.key(seed)
@@ -335,6 +338,8 @@ def _answer_prompts(records: Sequence[Mapping[str, str]], done: dict[str, dict[s
       batch = records[start:start + batch_size]
       if all(r["id"] in done for r in batch):
         continue
+      if should_stop is not None and should_stop():
+        return False
       new = _answer_batch(batch, start, done, params=params, config=config, tokenizer=tokenizer,
                           key=key, chat_template=chat_template, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, stops=stops)
@@ -348,6 +353,7 @@ def _answer_prompts(records: Sequence[Mapping[str, str]], done: dict[str, dict[s
     bar.close()
     if part is not None:
       part.close()
+  return True
 
 
 def _write_corpus(out_dir: str, name: str, partial: str, ordered: Sequence[Mapping[str, Any]], *,
@@ -375,7 +381,8 @@ def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
                     top_p: float = 0.95, seed: int = 0, chat_template: bool = True,
                     name: str = "corpus", progress: bool = True, teacher: str = "",
                     stop_ids: Sequence[int] | None = None,
-                    metadata: Mapping[str, Any] | None = None) -> str:
+                    metadata: Mapping[str, Any] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> str | None:
   """Has the teacher answer every prompt and writes the corpus as a TFDS dataset (resumable).
 
   Args:
@@ -394,9 +401,11 @@ def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
     teacher: a description of the teacher for the metadata (e.g. its spec).
     stop_ids: ids ending a completion (default :func:`default_stop_ids`).
     metadata: more facts to store with the dataset.
+    should_stop: polled before each batch; when it returns True the work so far stays in the
+      partial directory (a later call goes on from it) and None is returned.
 
   Returns:
-    The dataset directory. Fields: ``id``, ``prompt``, ``completion``, ``domain`` (text);
+    The dataset directory (None when stopped). Fields: ``id``, ``prompt``, ``completion``, ``domain`` (text);
     metadata: ``kind`` (``"teacher_corpus"``), ``shape`` (``"prompt_completion"``),
     ``teacher``, ``teacher_fingerprint``, ``sampling``, ``seed``, ``count``,
     ``finish_reasons``, ``completion_tokens``.
@@ -425,10 +434,12 @@ def generate_corpus(prompts, out_dir: str, *, params: PyTree, config, tokenizer,
   options = {"teacher_fingerprint": teacher_fingerprint(params, config), "seed": int(seed),
              "sampling": sampling_opts, "prompts_digest": prompts_digest}
   done = _resume(partial, options, records)
-  _answer_prompts(records, done, partial, params=params, config=config, tokenizer=tokenizer,
-                  seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, chat_template=chat_template,
-                  stops=stops, name=name, progress=progress)
+  if not _answer_prompts(records, done, partial, params=params, config=config,
+                         tokenizer=tokenizer, seed=seed, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         chat_template=chat_template, stops=stops, name=name,
+                         progress=progress, should_stop=should_stop):
+    return None
   return _write_corpus(out_dir, name, partial, [done[r["id"]] for r in records],
                        teacher=teacher, options=options, metadata=metadata)
 
@@ -478,4 +489,4 @@ def main(argv: list[str] | None = None) -> str:
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  main()
+  errors.run_main(main)

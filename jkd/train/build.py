@@ -175,7 +175,11 @@ def _random_params(cfg, config, teacher, path, shardings, key):
 
 def _layers_config(cfg, teacher_config, path):
   del path
-  keep = models.layers_every(teacher_config.num_layers, int(cfg.student.every))
+  every, n = int(cfg.student.every), teacher_config.num_layers
+  if not 1 <= every <= n:
+    raise ValueError(f"student.every must be in [1, {n}] (the teacher's {n} layers; the student"
+                     f" keeps every student.every-th of them), got {every}.")
+  keep = models.layers_every(n, every)
   return teacher_config.replace(num_layers=len(keep))
 
 

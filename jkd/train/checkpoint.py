@@ -13,15 +13,48 @@ unreadable checkpoint is a :class:`CheckpointError` and is left as it is.
 
 from __future__ import annotations
 
+import errno as errno_lib
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jkd import errors
+from jkd.errors import CheckpointError, CheckpointMismatchError, SaveError
 
 PyTree = Any
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be read (corrupted, truncated, foreign files)."""
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+#: Room kept free beyond a checkpoint's array bytes (metadata, JSON items, file system slack).
+_SPACE_MARGIN = 1 << 20
+
+
+def _brief(e: BaseException, limit: int = 300) -> str:
+  """``"TypeName: first line"`` of an exception (orbax's messages run to pages)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def state_bytes(state: PyTree) -> int:
+  """Bytes this process writes for ``state``: its shards with ``replica_id == 0``."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    shards = getattr(leaf, "addressable_shards", None)
+    if shards is None:
+      total += int(np.asarray(leaf).nbytes)
+    else:
+      total += sum(int(s.data.nbytes) for s in shards if s.replica_id == 0)
+  return total
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -36,7 +69,8 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(stored: PyTree, target: PyTree, where: str, *, prefix: str = "") -> None:
-  """Raises ``ValueError`` naming the first parameters whose stored shape differs from target's.
+  """Raises :class:`~jkd.errors.CheckpointMismatchError` (a ``ValueError``) naming the
+  first arrays whose stored shape differs from target's.
 
   Args:
     stored: checkpoint metadata (or any tree of objects with ``.shape``).
@@ -56,10 +90,18 @@ def check_shapes(stored: PyTree, target: PyTree, where: str, *, prefix: str = ""
     lines = diff[:5] + [f"{k}: missing in the checkpoint" for k in missing[:3]] + [
         f"{k}: in the checkpoint but not in the model" for k in extra[:3]]
     more = len(diff) + len(missing) + len(extra) - len(lines)
-    raise ValueError(f"the checkpoint at {where} is of another model shape than this run's:\n  "
-                     + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
-                     + "\nUse the model config it was saved with, or a new workdir. The"
-                     " checkpoint was left untouched.")
+    what = ("the model" if any(k.startswith("params/") for k in diff_keys(have, want))
+            else "the optimizer's or the objective's state")
+    raise CheckpointMismatchError(
+        f"the checkpoint at {where} holds arrays of other shapes than this run's ({what}"
+        " differs):\n  " + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+        + "\nUse the config it was saved with, or a new workdir. The checkpoint was left"
+        " untouched.")
+
+
+def diff_keys(have: Mapping[str, tuple], want: Mapping[str, tuple]) -> list[str]:
+  """The flat keys present in only one of two shape dicts, or with different shapes."""
+  return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
 
 
 class Checkpointer:
@@ -98,11 +140,19 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=True)
+    self._pending: int | None = None  # The step of the save in flight.
+    self._broken = False  # A save failed: the manager's threads are not waited for.
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=_handlers())
     except Exception as e:  # noqa: BLE001 (orbax raises many types for unreadable files)
-      raise CheckpointError(f"cannot open the checkpoints in {self.directory}: {e}") from e
+      code = errors.find_errno(e)
+      if code in errors.WRITE_ERRNOS:
+        raise SaveError(f"cannot create the checkpoint directory {self.directory}:"
+                        f" {errors.errno_text(code)}.", errno=code,
+                        filename=self.directory) from e
+      raise CheckpointError(f"cannot open the checkpoints in {self.directory} ({_brief(e)})."
+                            " Move the folder aside or use a new workdir.") from e
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -115,7 +165,7 @@ class Checkpointer:
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
     return CheckpointError(
-        f"checkpoint {self.step_path(step)} cannot be read ({type(e).__name__}: {e}). It may be"
+        f"checkpoint {self.step_path(step)} cannot be read ({_brief(e)}). It may be"
         " corrupted or incomplete; it was left untouched. Move it aside (e.g. `mv"
         f" {self.step_path(step)} {self.step_path(step)}.bad`) to resume from the previous"
         " checkpoint, or use a new workdir.")
@@ -163,20 +213,102 @@ class Checkpointer:
     Returns:
       False when ``step`` is already saved (nothing is written).
     """
+    if self._broken:
+      raise SaveError(f"an earlier checkpoint save in {self.directory} failed; not saving step"
+                      f" {step}.", filename=self.directory)
     if step in self.all_steps():
       return False
+    self.check_space(step, state_bytes(state))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(dict(data_state)),
                               config=ocp.args.JsonSave(self.config))
-    return self._manager.save(step, args=args, metrics=dict(metrics) if metrics else None,
-                              force=True)
+    try:
+      saved = self._manager.save(step, args=args, metrics=dict(metrics) if metrics else None,
+                                 force=True)
+    except Exception as e:  # noqa: BLE001 (this save's, or the previous async save's, failure)
+      raise self._failed(step, e) from e
+    self._pending = step
+    return saved
+
+  def check_space(self, step: int, nbytes: int) -> None:
+    """Raises :class:`SaveError` before anything is written when ``directory`` takes no write
+    (read-only, no permission) or has less free space than ``nbytes`` plus a margin; every
+    process checks, and all raise when one does."""
+    code, detail = 0, ""
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      fd, probe = tempfile.mkstemp(prefix=".jkd-write-probe-", dir=self.directory)
+      os.close(fd)
+      os.remove(probe)
+      free, need = shutil.disk_usage(self.directory).free, nbytes + nbytes // 10 + _SPACE_MARGIN
+      if free < need:
+        code, detail = errno_lib.ENOSPC, f" (the step needs about {_mib(need)}; {_mib(free)} free)"
+    except OSError as e:
+      code = e.errno or errno_lib.EIO
+    if jax.process_count() > 1:  # All processes stop together, or none does.
+      codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).ravel()
+      if not code and codes.any():
+        code = int(codes[codes != 0][0])
+        detail = f" (on process {int(np.flatnonzero(codes)[0])})"
+    if code:
+      raise SaveError(self._message(step, code, detail), errno=code, filename=self.directory)
+
+  def _message(self, step: int, code: int | None, detail: str = "") -> str:
+    kept = self.all_steps()
+    have = (f"the checkpoints already saved ({', '.join(map(str, kept))}) are intact, and a"
+            " rerun resumes from the newest" if kept else "no checkpoint was saved yet")
+    fix = {errno_lib.ENOSPC: "free space there", errno_lib.EDQUOT: "free space there",
+           errno_lib.EROFS: "make it writable", errno_lib.EACCES: "make it writable",
+           errno_lib.EPERM: "make it writable"}.get(code, "check the file system")
+    return (f"cannot write checkpoint {step} to {self.directory}: {errors.errno_text(code)}"
+            f"{detail}. Nothing partial was kept; {have}. To go on, {fix} or use a workdir on"
+            " another disk.")
+
+  def _failed(self, step: int | None, e: BaseException) -> SaveError:
+    """A failed (possibly asynchronous) save as a :class:`SaveError`: the partial step
+    directories are removed and the manager is given up."""
+    self._broken = True
+    step = self._pending if self._pending is not None else step
+    self._pending = None
+    if jax.process_index() == 0:
+      self.remove_partial()
+    code = errors.find_errno(e)
+    detail = "" if code is not None else f" ({_brief(e)})"
+    return SaveError(self._message(step, code, detail), errno=code, filename=self.directory)
+
+  def remove_partial(self) -> list[str]:
+    """Removes the ``<step>.orbax-checkpoint-tmp`` directories of incomplete saves."""
+    removed = []
+    try:
+      names = os.listdir(self.directory)
+    except OSError:
+      return removed
+    for name in names:
+      if name.endswith(TMP_SUFFIX):
+        path = os.path.join(self.directory, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
   def wait(self) -> None:
-    """Blocks until the pending save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until the pending save is on disk.
+
+    Raises:
+      SaveError: the save failed (its partial directory is removed).
+    """
+    if self._broken:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(None, e) from e
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.close()
+    """Releases the manager (not after a failed save: its threads may wait on the failed
+    write; :mod:`jkd.train.__main__` exits without joining them)."""
+    if not self._broken:
+      self._manager.close()
 
 
 def find_checkpoint(path: str) -> str:
@@ -212,7 +344,7 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
     with ocp.PyTreeCheckpointer() as ckptr:
       metadata = ckptr.metadata(state_dir).item_metadata
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {step_dir} cannot be read ({type(e).__name__}: {e}).") from e
+    raise CheckpointError(f"checkpoint {step_dir} cannot be read ({_brief(e)}).") from e
   check_shapes(metadata, item, step_dir, prefix="params/")
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -220,7 +352,7 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {step_dir} cannot be read ({type(e).__name__}: {e}).") from e
+    raise CheckpointError(f"checkpoint {step_dir} cannot be read ({_brief(e)}).") from e
   return restored["params"]
 
 
@@ -231,4 +363,4 @@ def read_config(path: str) -> dict:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
       return dict(ckptr.restore(os.path.join(step_dir, "config")))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {step_dir} has no readable config ({e}).") from e
+    raise CheckpointError(f"checkpoint {step_dir} has no readable config ({_brief(e)}).") from e

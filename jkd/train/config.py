@@ -132,7 +132,8 @@ Keys:
 ``distributed.*``          timeouts (seconds) of ``jax.distributed.initialize``, used when
                            ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
                            ``JAX_PROCESS_ID`` are set; a peer silent for ``heartbeat_timeout_s``
-                           makes the others exit with an error
+                           makes the others exit with one ``error:`` line, exit code 6
+                           (:mod:`jkd.train.distributed`)
 """
 
 from __future__ import annotations

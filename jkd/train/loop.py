@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -32,17 +32,18 @@ from jkd.train import build
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import evaluate as eval_lib
 from jkd.train import monitor as monitor_lib
+from jkd.train import resume as resume_lib
 from jkd.train import setup as setup_lib
 from jkd.train import sharding
 from jkd.train import sources
+from jkd.train import stopping
 from jkd.train.distributed import Preemption, initialize_distributed
+from jkd.errors import NonFiniteError
 from jkd.train.progress import StepMonitor
 from jkd.train.step import batch_work, check_teacher_free
 from jkd.train.writer import MetricsWriter
 
 
-class NonFiniteError(RuntimeError):
-  """Too many non-finite (skipped) steps in a row; the run stopped without saving."""
 
 
 def _say(message: str) -> None:
@@ -51,13 +52,52 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _workdir(cfg, workdir: str) -> str:
-  """The absolute workdir, created, with ``config.json`` (process 0)."""
+def check_resume(cfg, workdir: str, allow: Sequence[str] = ()) -> tuple[int, dict] | None:
+  """Whether ``workdir``'s newest checkpoint may be resumed with ``cfg`` (reads only).
+
+  Returns:
+    ``(step, {key: (old, new)} of the accepted changes)``, or None without a checkpoint (or
+    one saved before checkpoints stored their config).
+
+  Raises:
+    ConfigChangedError: ``cfg`` changes keys that are neither free nor in ``allow``
+      (:mod:`jkd.train.resume`).
+    CheckpointError: the checkpoint's config cannot be read.
+    ValueError: an ``allow`` entry that is not a config key, or a workdir that is a file.
+  """
+  new = json.loads(cfg.to_json_best_effort())
+  allow = resume_lib.check_allow(allow, new)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"the workdir {workdir} is a file, not a directory: pass another --workdir.")
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  try:
+    step_dir = ckpt_lib.find_checkpoint(directory)
+  except FileNotFoundError:
+    return None
+  stored = ckpt_lib.read_config(step_dir).get("config")
+  if stored is None:
+    return None
+  return int(os.path.basename(step_dir)), resume_lib.check_resume(stored, new, where=step_dir,
+                                                                  allow=allow)
+
+
+def _workdir(cfg, workdir: str, resumed: tuple[int, dict] | None, allow: Sequence[str]) -> str:
+  """The absolute workdir, created, with ``config.json`` and the accepted config changes of a
+  resume in ``config_history.jsonl`` (process 0); called once the run is accepted."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2) + "\n")
+    if resumed is not None and resumed[1]:
+      step, changes = resumed
+      resume_lib.record(workdir, step, changes, allow)
+      _say(f"resuming step {step} with config changes (recorded in"
+           f" {resume_lib.HISTORY_FILE}): " + "; ".join(
+               f"{k}: {json.dumps(o)} -> {json.dumps(n)}" for k, (o, n) in changes.items()))
   return workdir
 
 
@@ -124,12 +164,14 @@ class _Training:
   """One call of :func:`train`: the loop over steps, evaluations and checkpoints."""
 
   def __init__(self, run: setup_lib.Run, workdir: str, cleanup: contextlib.ExitStack, *,
-               train_source, eval_source, golden_source, teacher, checkpointer, start: int):
+               train_source, eval_source, golden_source, teacher, checkpointer, start: int,
+               restored: bool):
     cfg = run.config
     self.run, self.source, self.teacher = run, train_source, teacher
     self.checkpointer, self.total = checkpointer, int(cfg.train.steps)
     primary = jax.process_index() == 0
-    self.writer = MetricsWriter(workdir, start_step=start, enabled=primary)
+    # A fresh run drops every line of an earlier attempt that saved no checkpoint.
+    self.writer = MetricsWriter(workdir, start_step=start if restored else -1, enabled=primary)
     cleanup.callback(self.writer.close)
     bar = cleanup.enter_context(tqdm(total=self.total, initial=start, unit="step",
                                      desc="train", dynamic_ncols=True,
@@ -215,8 +257,8 @@ class _Training:
     where = (f"the last checkpoint, {self.checkpointer.step_path(last)}, is intact"
              if last is not None else "no checkpoint was saved")
     raise NonFiniteError(
-        f"{self.monitor.streak} non-finite steps in a row (NaN/inf loss or gradient, steps"
-        f" {self.monitor.first_bad}..{step}, all skipped): stopping (train.max_nan_steps ="
+        f"{self.monitor.streak} non-finite steps in a row ({self.monitor.what_overflowed()};"
+        f" steps {self.monitor.first_bad}..{step}, all skipped): stopping (train.max_nan_steps ="
         f" {self.monitor.max_nan}). {where}. Lower optimizer.lr, check the data of those"
         " steps, or raise train.max_nan_steps; rerunning resumes from the last checkpoint.")
 
@@ -230,7 +272,7 @@ class _Training:
       self.monitor.restart_clock()
     status, last_eval, step = "done", None, start
     while step < self.total:
-      if self.preemption(step):
+      if self.preemption(step) or stopping.requested():
         status = "preempted"
         break
       state, metrics = self.step(state)
@@ -238,14 +280,17 @@ class _Training:
       last_eval = self.after_step(step, state, metrics) or last_eval
     self.monitor.flush()
     self.check_finite(step)
-    if status == "preempted":
+    if status == "preempted" and step > start:
       _say(f"SIGTERM: saving step {step} and stopping")
       self.save(step, state, None)
+    elif status == "preempted":
+      _say(f"SIGTERM before step {step + 1}: stopping (nothing new to save)")
     return {"step": step, "status": status, "eval": last_eval, "state": state}
 
 
 def train(config, workdir: str, *, train_source=None, eval_source=None,
-          golden_source=None, teacher: build.Teacher | None = None) -> dict[str, Any]:
+          golden_source=None, teacher: build.Teacher | None = None,
+          allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
   """Runs (or resumes) a training run in ``workdir``.
 
   Args:
@@ -266,20 +311,36 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     teacher: the config's teacher already built on this mesh (``build.build_teacher`` of
       ``build.teacher_spec(config)``, as :mod:`jkd.train.stages` has it), so that its weights
       are not read again; None: built here when needed.
+    allow_config_change: config keys (or sections) that may differ from the checkpoint's on
+      resume, beyond the free ones (:mod:`jkd.train.resume`).
 
   Returns:
     ``{"step": last step, "status": "done" | "preempted", "eval": last eval metrics or None,
     "state": the final TrainState}``.
 
-  Raises:
-    ValueError: a bad config, or a checkpoint of another model shape.
-    jkd.train.checkpoint.CheckpointError: an unreadable checkpoint (left untouched).
+  Raises (the classes of :mod:`jkd.errors`; nothing is written to ``workdir`` before
+  the config, the data and the checkpoint's config are checked):
+    ValueError: a bad config or data.
+    ConfigChangedError: a resume with a config that computes something else.
+    CheckpointMismatchError: a checkpoint of other shapes.
+    CheckpointError: an unreadable checkpoint (left untouched).
+    SaveError: a checkpoint that cannot be written (no space, read-only); the partial step is
+      removed, earlier checkpoints are intact.
     NonFiniteError: ``train.max_nan_steps`` non-finite steps in a row.
   """
   initialize_distributed(config)
+  with stopping.sigterm_noted():
+    return _train(config, workdir, train_source=train_source, eval_source=eval_source,
+                  golden_source=golden_source, teacher=teacher,
+                  allow_config_change=allow_config_change)
+
+
+def _train(config, workdir: str, *, train_source, eval_source, golden_source, teacher,
+           allow_config_change: Sequence[str]) -> dict[str, Any]:
   run = setup_lib.setup(config, teacher_config=None if teacher is None else teacher.config)
-  workdir = _workdir(config, workdir)
+  resumed = check_resume(config, workdir, allow_config_change)
   train_source, eval_source = _batch_sources(run, train_source, eval_source)
+  workdir = _workdir(config, workdir, resumed, allow_config_change)
   with contextlib.ExitStack() as cleanup:
     checkpointer = _checkpointer(run, workdir)
     cleanup.callback(checkpointer.close)
@@ -287,5 +348,5 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
     state, start, restored, teacher = _initial_state(run, checkpointer, teacher, train_source)
     training = _Training(run, workdir, cleanup, train_source=train_source,
                          eval_source=eval_source, golden_source=golden_source, teacher=teacher,
-                         checkpointer=checkpointer, start=start)
+                         checkpointer=checkpointer, start=start, restored=restored)
     return training.loop(state, start, restored)

@@ -23,6 +23,7 @@ class StepMonitor:
     self.pending: tuple[int, dict] | None = None
     self._last_time: float | None = None
     self.first_bad: int | None = None
+    self.overflowed = 0  # Bits of `train/nonfinite` seen in the streak: 1 loss, 2 grad, 4 update.
 
   def set_work(self, tokens: int, flops: float) -> None:
     """Tokens and model FLOPs of one step (for ``perf/tokens_per_s`` and ``perf/mfu``)."""
@@ -51,9 +52,11 @@ class StepMonitor:
     finite = host.get("train/finite", 1.0) == 1.0
     self.streak = 0 if finite else self.streak + 1
     if finite:
-      self.first_bad = None
-    elif self.first_bad is None:
-      self.first_bad = step
+      self.first_bad, self.overflowed = None, 0
+    else:
+      self.overflowed |= int(host.get("train/nonfinite", 0.0))
+      if self.first_bad is None:
+        self.first_bad = step
     if step % self.log_every == 0 or step == self.total or not finite:
       self.writer.write(step, host)
     self.bar.update(1)
@@ -64,3 +67,15 @@ class StepMonitor:
 
   def too_many_nans(self) -> bool:
     return self.streak >= self.max_nan
+
+  def what_overflowed(self) -> str:
+    """What was non-finite in the streak: the loss, the gradient norm or the update."""
+    bits = self.overflowed
+    if bits & 1:
+      return "the loss was NaN/inf"
+    if bits & 2:
+      return "the loss was finite, the gradient norm NaN/inf"
+    if bits & 4:
+      return ("the loss and gradient norm were finite, the optimizer's update NaN/inf (check"
+              " optimizer.lr, eps and the schedule)")
+    return "NaN/inf loss, gradient or update"

@@ -53,9 +53,37 @@ def check_config(cfg) -> None:
   if best and (eval_every <= 0 or every <= 0 or every % eval_every):
     raise ValueError(f"checkpoint.best_metric needs an evaluation at every checkpoint: make"
                      f" checkpoint.every ({every}) a multiple of eval.every ({eval_every}).")
+  for key, low in (("data.seq_len", 1), ("data.batch_size", 1), ("checkpoint.keep", 1),
+                   ("checkpoint.every", 0), ("eval.every", 0), ("eval.batches", 0)):
+    section, name = key.split(".")
+    if int(cfg[section][name]) < low:
+      raise ValueError(f"{key} must be >= {low} (got {cfg[section][name]}).")
+  if cfg.checkpoint.best_mode not in ("min", "max"):
+    raise ValueError(f"checkpoint.best_mode must be 'min' or 'max' (got"
+                     f" {cfg.checkpoint.best_mode!r}).")
   if cfg.data.batch_size % int(cfg.train.grad_accum):
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by"
                      f" train.grad_accum {cfg.train.grad_accum}.")
+
+
+def check_batch(cfg, mesh: Mesh, rules) -> None:
+  """``data.batch_size`` must split evenly over the mesh's batch axes and the processes."""
+  spec = sharding.batch_sharding(mesh, rules).spec[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  batch = int(cfg.data.batch_size)
+  if batch < 1:
+    raise ValueError(f"data.batch_size must be >= 1 (got {batch}).")
+  if batch % shards:
+    fit = -(-batch // shards) * shards
+    raise ValueError(
+        f"data.batch_size {batch} does not split over the {shards} devices of the mesh's batch"
+        f" axes ({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}, mesh.shape"
+        f" {tuple(mesh.shape.values())}): make it a multiple of {shards} (e.g. {fit}) or set"
+        " mesh.shape to use fewer devices for the batch.")
+  if batch % jax.process_count():
+    raise ValueError(f"data.batch_size {batch} does not split over {jax.process_count()}"
+                     " processes: make it a multiple of the process count.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -176,9 +204,16 @@ def setup(config, *, teacher_config: models.ModelConfig | None = None,
   check_config(cfg)
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
   rules = sharding.DEFAULT_RULES
+  check_batch(cfg, mesh, rules)
   spec = (build.TeacherSpec(teacher_config, None) if teacher_config is not None
           else build.teacher_spec(cfg))  # (a GGUF spec reads the file)
   student_config = build.student_config(cfg, spec.config)
+  seq_len = int(cfg.data.seq_len)
+  for name, model in (("teacher", spec.config), ("student", student_config)):
+    if seq_len > model.max_position_embeddings:
+      raise ValueError(f"data.seq_len {seq_len} is longer than the {name}'s"
+                       f" max_position_embeddings ({model.max_position_embeddings}): lower"
+                       " data.seq_len (longer rows would use positions the model never saw).")
   objective = losses.build_objective(cfg.objective)
   build.check_tokenizers(cfg, objective, spec.config, student_config)
   optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), int(cfg.train.steps))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -29,8 +29,10 @@ from jkd.train import config
 from jkd.train import distributed
 from jkd.train import loop
 from jkd.train import report as report_lib
+from jkd.train import setup as setup_lib
 from jkd.train import sharding
 from jkd.train import sources
+from jkd.train import stopping
 
 
 def _say(message: str) -> None:
@@ -61,15 +63,36 @@ def _greedy(params, config, tokenizer, prompts: list[str], max_new_tokens: int) 
           for i in range(len(prompts))]
 
 
-def run(cfg, workdir: str) -> dict[str, Any]:
-  """Prepares the data, trains (or resumes) and reports; see the module docstring."""
+def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
+  """Prepares the data, trains (or resumes) and reports; see the module docstring.
+
+  The config, the models and a resumed checkpoint's config are checked before anything is
+  written to ``workdir``. A SIGTERM while the corpus is written (or before the first step)
+  returns ``status="preempted"`` with what was done kept (:mod:`jkd.train.stopping`).
+  ``allow_config_change``: see :func:`jkd.train.train`.
+  """
   distributed.initialize_distributed(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  with stopping.sigterm_noted():
+    try:
+      return _run(cfg, workdir, allow_config_change)
+    except stopping.Stopped as e:
+      _say(f"{e}: stopping; what was done is kept, and the same command goes on from it")
+      resumed = loop.check_resume(cfg, workdir, allow_config_change)
+      return {"step": resumed[0] if resumed else 0, "status": "preempted", "eval": None,
+              "state": None}
+
+
+def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any]:
+  setup_lib.check_config(cfg)
+  loop.check_resume(cfg, workdir, allow_config_change)  # Reads only.
   prepare = sources.data_source(cfg).prepare
   models = _Models(cfg) if prepare is not None or bool(cfg.report.enabled) else None
+  if models is not None:  # (Without: train() checks everything before writing.)
+    setup_lib.setup(cfg, teacher_config=models.teacher.config)
   kwargs, facts, timings, held = {}, {}, {}, []
   if prepare is not None:
+    stopping.check()
     prepared = prepare(cfg, workdir, models.teacher, models.tokenizer)
     kwargs = {"train_source": prepared.train, "eval_source": prepared.eval,
               "golden_source": prepared.golden}
@@ -95,7 +118,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   if models is not None:
     kwargs["teacher"] = models.teacher  # Read once, for the corpus, the samples and training.
-  result = loop.train(cfg, workdir, **kwargs)
+  result = loop.train(cfg, workdir, allow_config_change=allow_config_change, **kwargs)
   timings["train_s"] = time.perf_counter() - t0
   if r.enabled and result["status"] == "done" and jax.process_index() == 0:
     after_text = _greedy(result["state"].params, models.student_config, models.tokenizer,

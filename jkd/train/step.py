@@ -263,8 +263,12 @@ def make_train_step(*, student_config: models.ModelConfig,
     term_updates, new_term_opt = optimizer.update(term_grads, state.term_opt_state,
                                                   state.term_params)
     # A finite gradient can still give a non-finite update (e.g. a NaN learning rate): check it.
-    finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm((updates, term_updates))))
+    bad_loss, bad_grad = ~jnp.isfinite(total), ~jnp.isfinite(grad_norm)
+    bad_update = ~jnp.isfinite(optax.global_norm((updates, term_updates)))
+    finite = ~(bad_loss | bad_grad | bad_update)
+    # What overflowed, for the message of a stopped run: 1 loss, 2 gradient, 4 update.
+    nonfinite = (bad_loss.astype(jnp.int32) + 2 * bad_grad.astype(jnp.int32)
+                 + 4 * bad_update.astype(jnp.int32))
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
     new_obj = objective.update_state(state.objective_state, metrics, state.step)
@@ -278,7 +282,8 @@ def make_train_step(*, student_config: models.ModelConfig,
                            term_opt_state=keep(new_term_opt, state.term_opt_state))
     metrics.update({"train/grad_norm": grad_norm, "train/lr": schedule(state.step),
                     "train/skipped": new_state.skipped.astype(jnp.float32),
-                    "train/finite": finite.astype(jnp.float32)})
+                    "train/finite": finite.astype(jnp.float32),
+                    "train/nonfinite": nonfinite.astype(jnp.float32)})
     metrics.update(objective.state_metrics(state.objective_state))
     return new_state, metrics
 

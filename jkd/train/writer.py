@@ -48,8 +48,9 @@ class MetricsWriter:
 
   Args:
     workdir: the run's directory.
-    start_step: the step the run starts from (0, or the restored checkpoint's): lines of later
-      steps, left by an interrupted run, are dropped.
+    start_step: the restored checkpoint's step: lines of later steps, left by an interrupted
+      run, are dropped; -1 for a fresh run (every line of an earlier attempt that saved no
+      checkpoint is dropped, its step-0 evaluation included).
     enabled: write at all (True on process 0 only).
     tensorboard: also write TensorBoard event files to ``workdir/tensorboard``.
   """

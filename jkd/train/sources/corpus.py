@@ -22,6 +22,7 @@ from jkd.data import corpus as corpus_lib
 from jkd.data import pipeline
 from jkd.data import store
 from jkd.train import config
+from jkd.train import stopping
 
 
 class Prepared(NamedTuple):
@@ -73,10 +74,14 @@ def _corpus(cfg, teacher, tokenizer, records: list[dict], out_dir: str, name: st
                        f" {meta.get('seed')}), not the configured {len(records)} (seed {c.seed});"
                        " use a new workdir or delete that corpus.")
     return final
-  return corpus_lib.generate_corpus(
-      records, out_dir, params=teacher.params, config=teacher.config, tokenizer=tokenizer, max_new_tokens=int(c.max_new_tokens),
-      batch_size=int(c.batch_size), temperature=float(c.temperature), top_p=float(c.top_p),
-      seed=int(c.seed), name=name, teacher=cfg.teacher.source)
+  path = corpus_lib.generate_corpus(
+      records, out_dir, params=teacher.params, config=teacher.config, tokenizer=tokenizer,
+      max_new_tokens=int(c.max_new_tokens), batch_size=int(c.batch_size),
+      temperature=float(c.temperature), top_p=float(c.top_p), seed=int(c.seed), name=name,
+      teacher=cfg.teacher.source, should_stop=stopping.requested)
+  if path is None:  # SIGTERM: the batches written are kept in <name>.partial for the rerun.
+    raise stopping.Stopped(f"SIGTERM while the teacher wrote {name}")
+  return path
 
 
 def _golden(records: list[dict], out_dir: str) -> str:
