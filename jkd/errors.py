@@ -111,11 +111,12 @@ def _brief(text: str) -> str:
   return "\n".join(lines)
 
 
-def describe(e: BaseException) -> tuple[int, str]:
+def describe(e: BaseException, *, where: str | None = None) -> tuple[int, str]:
   """``(exit code, message)`` for an exception that ended a run (see the module docstring).
 
-  Known classes keep their message; an ``OSError`` of a write that the file system refused is
-  exit code 5; ``ValueError``, ``TypeError`` and other ``OSError``s (a missing or unreadable
+  Known classes keep their message; a write that the file system refused (an ``OSError``, or
+  another library's error quoting the errno) is exit code 5, its path or else ``where`` (e.g.
+  the workdir) named; ``ValueError``, ``TypeError`` and other ``OSError``s (a missing or unreadable
   path) are bad input (2); anything else is an internal error (1) whose message asks for the
   traceback.
 
@@ -126,10 +127,13 @@ def describe(e: BaseException) -> tuple[int, str]:
   """
   if isinstance(e, RunError):
     return e.exit_code, _brief(str(e))
-  if isinstance(e, OSError) and e.errno in WRITE_ERRNOS and not isinstance(
-      e, FileNotFoundError):
-    where = f" {e.filename}" if e.filename else ""
-    return EXIT_WRITE, f"cannot write{where}: {errno_text(e.errno)}."
+  code = find_errno(e)
+  if code in WRITE_ERRNOS and not isinstance(e, FileNotFoundError):
+    path = getattr(e, "filename", None) or (f"under {where}" if where else "")
+    detail = "" if isinstance(e, OSError) else f" ({type(e).__name__}: {_brief(str(e))})"
+    what = ("no permission for" if code in (errno_lib.EACCES, errno_lib.EPERM)
+            else "cannot write")
+    return EXIT_WRITE, f"{what}{' ' + str(path) if path else ''}: {errno_text(code)}{detail}."
   if isinstance(e, (ValueError, TypeError)):
     return EXIT_INPUT, _brief(str(e))
   if isinstance(e, OSError):  # A path that is missing, of the wrong kind, or unreadable.
@@ -144,10 +148,10 @@ def traceback_wanted() -> bool:
   return os.environ.get("JKD_TRACEBACK", "") not in ("", "0")
 
 
-def report(e: BaseException, *, with_traceback: bool = False) -> int:
+def report(e: BaseException, *, with_traceback: bool = False, where: str | None = None) -> int:
   """Prints ``error: <message>`` for ``e`` on stderr (after its traceback when asked) and
-  returns its exit code (:func:`describe`)."""
-  code, message = describe(e)
+  returns its exit code (:func:`describe`; ``where``: the folder a failed write went to)."""
+  code, message = describe(e, where=where)
   if with_traceback or traceback_wanted():
     traceback.print_exception(e, file=sys.stderr)
   print(f"error: {message}", file=sys.stderr, flush=True)

@@ -60,6 +60,10 @@ def error_text(code: int, err: str, expected: int) -> str:
      r"/nonexistent/train.npz"),
     (["--allow_config_change=optimizer.lrr"], 1, r"--allow_config_change names \['optimizer.lrr'\]"),
     (["surplus"], 1, r"unexpected arguments: \['surplus'\]"),
+    (["--config.data.seq_len=128"], 1,
+     r"data.seq_len 128 is longer than the teacher's max_position_embeddings \(64\)"),
+    (["--config.student.every=5"], 1, r"student.every must be in \[1, 4\]"),
+    (["--config.checkpoint.keep=0"], 1, r"checkpoint.keep must be >= 1 \(got 0\)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(shared, tmp_path, args, devices, message):
   workdir = tmp_path / "run"

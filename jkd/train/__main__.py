@@ -120,7 +120,7 @@ def main(argv) -> int:
     result = stages.run(config, _WORKDIR.value, allow_config_change=_ALLOW.value)
   except Exception as e:  # noqa: BLE001 (each failure becomes one line and an exit code)
     distributed.exit_if_peer_failed()  # A failed peer explains it: its line and exit code 6.
-    code = errors.report(e, with_traceback=_traceback_wanted())
+    code = errors.report(e, with_traceback=_traceback_wanted(), where=_WORKDIR.value)
     if code == errors.EXIT_WRITE:  # Orbax's threads may wait on the failed write: not joined.
       sys.stdout.flush()
       os._exit(code)  # pylint: disable=protected-access

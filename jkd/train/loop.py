@@ -339,6 +339,8 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
            allow_config_change: Sequence[str]) -> dict[str, Any]:
   run = setup_lib.setup(config, teacher_config=None if teacher is None else teacher.config)
   resumed = check_resume(config, workdir, allow_config_change)
+  if train_source is None:  # The config's data.
+    setup_lib.check_seq_len(config, run.teacher_spec.config, run.student_config)
   train_source, eval_source = _batch_sources(run, train_source, eval_source)
   workdir = _workdir(config, workdir, resumed, allow_config_change)
   with contextlib.ExitStack() as cleanup:

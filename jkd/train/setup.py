@@ -86,6 +86,17 @@ def check_batch(cfg, mesh: Mesh, rules) -> None:
                      " processes: make it a multiple of the process count.")
 
 
+def check_seq_len(cfg, *model_configs: models.ModelConfig) -> None:
+  """``data.seq_len`` must not exceed the models' ``max_position_embeddings`` (for runs that
+  read the config's data; a source passed to :func:`jkd.train.train` has its own length)."""
+  seq_len = int(cfg.data.seq_len)
+  for name, model in zip(("teacher", "student"), model_configs):
+    if seq_len > model.max_position_embeddings:
+      raise ValueError(f"data.seq_len {seq_len} is longer than the {name}'s"
+                       f" max_position_embeddings ({model.max_position_embeddings}): lower"
+                       " data.seq_len (longer rows would use positions the model never saw).")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
   """A run's pieces (see the module docstring); make it with :func:`setup`.
@@ -208,12 +219,6 @@ def setup(config, *, teacher_config: models.ModelConfig | None = None,
   spec = (build.TeacherSpec(teacher_config, None) if teacher_config is not None
           else build.teacher_spec(cfg))  # (a GGUF spec reads the file)
   student_config = build.student_config(cfg, spec.config)
-  seq_len = int(cfg.data.seq_len)
-  for name, model in (("teacher", spec.config), ("student", student_config)):
-    if seq_len > model.max_position_embeddings:
-      raise ValueError(f"data.seq_len {seq_len} is longer than the {name}'s"
-                       f" max_position_embeddings ({model.max_position_embeddings}): lower"
-                       " data.seq_len (longer rows would use positions the model never saw).")
   objective = losses.build_objective(cfg.objective)
   build.check_tokenizers(cfg, objective, spec.config, student_config)
   optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), int(cfg.train.steps))

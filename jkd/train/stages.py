@@ -89,7 +89,8 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any
   prepare = sources.data_source(cfg).prepare
   models = _Models(cfg) if prepare is not None or bool(cfg.report.enabled) else None
   if models is not None:  # (Without: train() checks everything before writing.)
-    setup_lib.setup(cfg, teacher_config=models.teacher.config)
+    run = setup_lib.setup(cfg, teacher_config=models.teacher.config)
+    setup_lib.check_seq_len(cfg, run.teacher_spec.config, run.student_config)
   kwargs, facts, timings, held = {}, {}, {}, []
   if prepare is not None:
     stopping.check()
