@@ -18,6 +18,7 @@ code   meaning
        :class:`ConfigChangedError`); it is left untouched
 5      a file cannot be written: no space, read-only, no permission (:class:`SaveError`)
 6      another process of a multi-process run failed (:mod:`jkd.train.distributed`)
+130    interrupted with Ctrl-C
 =====  =====================================================================================
 """
 

@@ -220,7 +220,8 @@ def test_train_two_steps_on_jsonl(tmp_path):
   assert sorted(train_src.num_examples for train_src in (train_src, eval_src)) == [2, 4]
   again, _ = make_sources(cfg, 32, tokenizer=tiny_tokenizer())  # the cached dataset, reused
   assert len(list((tmp_path / "cache").glob("jsonl_*"))) == 1
-  assert again.name == train_src.name and again.name.startswith("jsonl_")
+  # Named by its file and its dataset (a hash of the contents, also in the resume fingerprint).
+  assert again.name == train_src.name and again.name.startswith(f"{cfg.data.path} (jsonl_")
   out = train(cfg, str(tmp_path / "run"), train_source=train_src, eval_source=eval_src)
   assert out["status"] == "done" and out["step"] == 2
   assert np.isfinite(out["eval"]["eval/student_nll"])

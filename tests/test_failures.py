@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -64,6 +65,13 @@ def error_text(code: int, err: str, expected: int) -> str:
      r"data.seq_len 128 is longer than the teacher's max_position_embeddings \(64\)"),
     (["--config.student.every=5"], 1, r"student.every must be in \[1, 4\]"),
     (["--config.checkpoint.keep=0"], 1, r"checkpoint.keep must be >= 1 \(got 0\)"),
+    (["--config.optimizer.warmup_steps=-1"], 1, r"optimizer.warmup_steps must be >= 0"),
+    (["--config.optimizer.b2=1"], 1, r"optimizer.b2 must be in \[0, 1\) \(got 1.0\)"),
+    (["--config.data.shape=nope"], 1, r"data.shape must be one of \[.*\] \(got 'nope'\)"),
+    (["--config.onpolicy.mode=gkd"], 1,
+     r"--config.onpolicy.mode: no such config key .* optional section 'onpolicy'"),
+    # Found on the first batch, which is read before the workdir is written.
+    (["--config.teacher.online=False"], 1, r"teacher.online=False: loss term 'kd' needs"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(shared, tmp_path, args, devices, message):
   workdir = tmp_path / "run"
@@ -102,6 +110,27 @@ def test_bad_data_files_are_one_line_naming_the_file(shared, tmp_path):
   text = error_text(code, err, errors.EXIT_INPUT)
   assert f"{prompts}:2: not UTF-8 text (byte 0xe9" in text, text
   assert not (tmp_path / "run2").exists()
+
+
+def test_unreadable_teacher_weights_are_one_line_before_the_workdir(shared, tmp_path):
+  """The teacher's config reads, its weights do not (an interrupted download)."""
+  teacher = tmp_path / "teacher"
+  shutil.copytree(os.path.join(ROOT, "tests", "data", "tiny_llama"), teacher)
+  (teacher / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+  code, _, err = finish(start(shared, tmp_path / "run", f"--config.teacher.source=hf:{teacher}",
+                              "--config.student.every=1"))
+  text = error_text(code, err, errors.EXIT_INPUT)
+  assert f"{teacher / 'model.safetensors'}: not a readable safetensors file" in text, text
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_returns_no_config(shared, tmp_path):
+  bad = tmp_path / "plain_dict.py"
+  bad.write_text("def get_config(arg=None):\n  return {'seed': 0}\n")
+  code, _, err = finish(start(shared, tmp_path, python_args=[
+      "-m", "jkd.train", "--config", str(bad), "--workdir", str(tmp_path / "run")]))
+  assert "get_config() returned a dict, not an ml_collections.ConfigDict" in error_text(
+      code, err, errors.EXIT_INPUT)
 
 
 def test_traceback_on_request(shared, tmp_path):

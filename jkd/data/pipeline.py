@@ -366,7 +366,7 @@ def text_pipeline(path: str, split: str, *, batch_size: int, seq_len: int, token
                   shape: str | None = None, pack: bool = False, chat_template: bool = True,
                   overflow: str = "truncate", vocab_size: int | None = None, seed: int = 0,
                   shuffle: bool = True, process_index: int | None = None,
-                  process_count: int | None = None) -> DataPipeline:
+                  process_count: int | None = None, name: str | None = None) -> DataPipeline:
   """A :class:`DataPipeline` over ``split`` of the TFDS dataset at ``path``.
 
   Args:
@@ -378,6 +378,8 @@ def text_pipeline(path: str, split: str, *, batch_size: int, seq_len: int, token
     shape: a JSONL shape or ``"tokenized"``; None: the dataset metadata's ``shape``, else
       ``tokenized``.
     chat_template, overflow, vocab_size: as :func:`jkd.data.examples.tokenize_example`.
+    name: what the messages call the data (default ``<dataset>:<split>``), e.g. the JSONL
+      files it was built from.
 
   Returns:
     The pipeline.
@@ -402,4 +404,5 @@ def text_pipeline(path: str, split: str, *, batch_size: int, seq_len: int, token
   return DataPipeline(source, batch_size=batch_size, seq_len=seq_len, transform=transform,
                       seed=seed, shuffle=shuffle, pack=pack, process_index=process_index,
                       process_count=process_count,
-                      name=f"{os.path.basename(os.path.dirname(store.find_dataset(path)))}:{split}")
+                      name=name or (f"{os.path.basename(os.path.dirname(store.find_dataset(path)))}"
+                                    f":{split}"))

@@ -12,7 +12,7 @@ a report after (``report.enabled``).
 A failure prints one line, ``error: <what, where, and the fix>``, and exits with the code of
 :mod:`jkd.errors` (0 done or preempted, 1 internal error, 2 bad input, 3 non-finite steps,
 4 a checkpoint that cannot be resumed, 5 a file that cannot be written, 6 a failed peer
-process). ``--verbosity=1`` or ``JKD_TRACEBACK=1`` also prints the traceback.
+process; 130 after Ctrl-C). ``--verbosity=1`` or ``JKD_TRACEBACK=1`` also prints the traceback.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
+from jkd.train import config as config_lib
 from jkd.train import distributed
 from jkd import errors
 from jkd.train import stages
@@ -73,6 +75,13 @@ def _last_line(text: str) -> str:
 def _flag_error(e: Exception, argv: list[str]) -> str:
   """One line for an error in the command line, the config file or an override."""
   text = str(e)
+  if isinstance(e, KeyError):  # An override into a section the config does not have.
+    key = str(e).strip("'\"")
+    given = [a.split("=")[0].lstrip("-") for a in argv if a.startswith("--config.")]
+    name = next((g for g in given if key in g.split(".")), f"config.{key}")
+    hint = (f" The optional section {key!r} is added by the recipes that use it (see"
+            " jkd.train.config.add_sections)." if key in config_lib.OPTIONAL_SECTIONS else "")
+    return f"--{name}: no such config key ({key!r} is not in this config).{hint}"
   if isinstance(e, AttributeError):  # A locked config's unknown key (ml_collections).
     try:
       text = ast.literal_eval(text)
@@ -93,11 +102,23 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
   return text.replace("flag --", "--", 1)
 
 
+def _check_config_type(config) -> None:
+  """The config file's ``get_config()`` must give a training config."""
+  config.get("seed")  # A config file that failed to load raises here (a lazy error object).
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"--config: get_config() returned a {type(config).__name__}, not an"
+                     " ml_collections.ConfigDict: start from jkd.train.config.default_config().")
+  missing = [k for k in config_lib.default_config() if k not in config]
+  if missing:
+    raise ValueError(f"--config: the config lacks the sections {missing}; start from"
+                     " jkd.train.config.default_config() and change what you need.")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, its errors (and the config file's) as one ``error:`` line, exit 2."""
   try:
     rest = flags.FLAGS(argv)
-    _CONFIG.value.get("seed")  # A config file that failed to load raises here.
+    _check_config_type(_CONFIG.value)  # (A config file that failed to load raises here.)
     return rest
   except Exception as e:  # noqa: BLE001 (any config-file error is the user's input)
     sys.exit(_fail(errors.EXIT_INPUT, f"{_flag_error(e, argv)} (see --help)", e, argv=argv))
@@ -118,6 +139,9 @@ def main(argv) -> int:
     if jax.process_index() == 0:
       print(config.to_json_best_effort(indent=2), flush=True)
     result = stages.run(config, _WORKDIR.value, allow_config_change=_ALLOW.value)
+  except KeyboardInterrupt:
+    return _fail(130, "interrupted (Ctrl-C). The checkpoints saved so far are intact: the same"
+                 " command resumes from the newest (SIGTERM instead saves the current step).")
   except Exception as e:  # noqa: BLE001 (each failure becomes one line and an exit code)
     distributed.exit_if_peer_failed()  # A failed peer explains it: its line and exit code 6.
     code = errors.report(e, with_traceback=_traceback_wanted(), where=_WORKDIR.value)

@@ -108,7 +108,7 @@ class Checkpointer:
   """Saves and restores ``(train state, data state, config)`` under ``directory``.
 
   Args:
-    directory: where the step directories live (created if missing).
+    directory: where the step directories live (created by the first save).
     keep: how many of the newest checkpoints to keep.
     best_metric: also keep the checkpoint with the best value of this metric (pass it to
       :meth:`save` as ``metrics``); ``None`` or ``""`` for none.
@@ -139,7 +139,7 @@ class Checkpointer:
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=False)  # Made by the first save.
     self._pending: int | None = None  # The step of the save in flight.
     self._broken = False  # A save failed: the manager's threads are not waited for.
     try:

@@ -165,7 +165,7 @@ class _Training:
 
   def __init__(self, run: setup_lib.Run, workdir: str, cleanup: contextlib.ExitStack, *,
                train_source, eval_source, golden_source, teacher, checkpointer, start: int,
-               restored: bool):
+               restored: bool, first_batch: Mapping[str, np.ndarray] | None = None):
     cfg = run.config
     self.run, self.source, self.teacher = run, train_source, teacher
     self.checkpointer, self.total = checkpointer, int(cfg.train.steps)
@@ -191,6 +191,7 @@ class _Training:
     self.hacking = monitor_lib.HackingWatch(workdir, self.writer, enabled=primary)
     self.step_key = run.step_key()
     self.compiled = None
+    self.first_batch = first_batch  # Fetched (and checked) before the workdir was written.
 
   def evaluate(self, params) -> dict[str, float] | None:
     """Eval and golden metrics of ``params`` (None without an eval source)."""
@@ -207,11 +208,9 @@ class _Training:
       return
     self.checkpointer.save(step, state, self.source.get_state(), metrics=metrics)
 
-  def compile(self, state, batch: Mapping[str, np.ndarray]) -> None:
+  def compile(self, batch: Mapping[str, np.ndarray]) -> None:
     """Jits the step for the first batch's shapes (its arrays decide the batch shardings)."""
     run = self.run
-    if not run.online:
-      check_teacher_free(run.objective, state.params, batch, student_config=run.student_config)
     self.batch_shardings = self.placer.shardings(batch)
     self.compiled = run.jit_step(self.batch_shardings)
     self.monitor.set_work(*batch_work({k: np.shape(v) for k, v in batch.items()},
@@ -220,10 +219,13 @@ class _Training:
 
   def step(self, state):
     """One training step on the source's next batch."""
-    self.source.before_batch(state.params)  # On-policy sources sample from the student.
-    batch = next(self.source)
+    if self.first_batch is not None:
+      batch, self.first_batch = self.first_batch, None
+    else:
+      self.source.before_batch(state.params)  # On-policy sources sample from the student.
+      batch = next(self.source)
     if self.compiled is None:
-      self.compile(state, batch)
+      self.compile(batch)
     return self.compiled(state, self.placer.place(batch, self.batch_shardings), self.step_key,
                          self.teacher.params)
 
@@ -342,13 +344,24 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
   if train_source is None:  # The config's data.
     setup_lib.check_seq_len(config, run.teacher_spec.config, run.student_config)
   train_source, eval_source = _batch_sources(run, train_source, eval_source)
-  workdir = _workdir(config, workdir, resumed, allow_config_change)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   with contextlib.ExitStack() as cleanup:
-    checkpointer = _checkpointer(run, workdir)
+    checkpointer = _checkpointer(run, workdir)  # Creates nothing before the first save.
     cleanup.callback(checkpointer.close)
     cleanup.callback(checkpointer.wait)  # Runs first: a pending save completes.
+    # The models' weights and a checkpoint's state and data position are read (and checked)
+    # before anything is written to the workdir.
     state, start, restored, teacher = _initial_state(run, checkpointer, teacher, train_source)
+    first = None
+    if start < int(config.train.steps):  # The first batch too: a bad example or shape shows.
+      train_source.before_batch(state.params)
+      first = next(train_source)
+      if not run.online:
+        check_teacher_free(run.objective, state.params, first,
+                           student_config=run.student_config)
+    _workdir(config, workdir, resumed, allow_config_change)
     training = _Training(run, workdir, cleanup, train_source=train_source,
                          eval_source=eval_source, golden_source=golden_source, teacher=teacher,
-                         checkpointer=checkpointer, start=start, restored=restored)
+                         checkpointer=checkpointer, start=start, restored=restored,
+                         first_batch=first)
     return training.loop(state, start, restored)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jkd import losses
 from jkd import models
+from jkd.data import examples
 from jkd.train import build
 from jkd.train import evaluate as eval_lib
 from jkd.train import sharding
@@ -54,10 +55,24 @@ def check_config(cfg) -> None:
     raise ValueError(f"checkpoint.best_metric needs an evaluation at every checkpoint: make"
                      f" checkpoint.every ({every}) a multiple of eval.every ({eval_every}).")
   for key, low in (("data.seq_len", 1), ("data.batch_size", 1), ("checkpoint.keep", 1),
-                   ("checkpoint.every", 0), ("eval.every", 0), ("eval.batches", 0)):
+                   ("checkpoint.every", 0), ("eval.every", 0), ("eval.batches", 0),
+                   ("optimizer.warmup_steps", 0)):
     section, name = key.split(".")
     if int(cfg[section][name]) < low:
       raise ValueError(f"{key} must be >= {low} (got {cfg[section][name]}).")
+  o = cfg.optimizer
+  for key, ok, rule in (("end_lr_ratio", 0 <= o.end_lr_ratio <= 1, "in [0, 1]"),
+                        ("b1", 0 <= o.b1 < 1, "in [0, 1)"), ("b2", 0 <= o.b2 < 1, "in [0, 1)"),
+                        ("eps", o.eps > 0, "> 0"), ("weight_decay", o.weight_decay >= 0, ">= 0"),
+                        ("clip_norm", o.clip_norm >= 0, ">= 0 (0: no clipping)")):
+    if not ok:
+      raise ValueError(f"optimizer.{key} must be {rule} (got {o[key]}).")
+  for key, allowed in (("data.overflow", examples.OVERFLOW),
+                       ("data.shape", ("",) + examples.TEXT_SHAPES[:3] + ("tokenized",
+                                                                         "unpaired"))):
+    section, name = key.split(".")
+    if cfg[section][name] not in allowed:
+      raise ValueError(f"{key} must be one of {list(allowed)} (got {cfg[section][name]!r}).")
   if cfg.checkpoint.best_mode not in ("min", "max"):
     raise ValueError(f"checkpoint.best_mode must be 'min' or 'max' (got"
                      f" {cfg.checkpoint.best_mode!r}).")

@@ -100,8 +100,9 @@ def check_tokenizer(tokenizer, vocab: int) -> None:
                      " tokenizer.")
 
 
-def _pipelines(path: str, cfg, vocab: int, tokenizer):
-  """``(train, eval or None)`` DataPipelines over a stored dataset."""
+def _pipelines(path: str, cfg, vocab: int, tokenizer, described: str | None = None):
+  """``(train, eval or None)`` DataPipelines over a stored dataset (``described``: what the
+  messages name, e.g. its JSONL files)."""
   d = cfg.data
   check_tokenizer(tokenizer, vocab)
   splits = set(store.read_metadata(path).get("splits", ())) or None
@@ -109,18 +110,21 @@ def _pipelines(path: str, cfg, vocab: int, tokenizer):
   kw = dict(tokenizer=tokenizer, shape=d.shape or None, seq_len=int(d.seq_len),
             pack=bool(d.pack), chat_template=bool(d.chat_template), overflow=d.overflow,
             vocab_size=vocab)
+  dataset = os.path.basename(os.path.dirname(store.find_dataset(path)))  # (a content hash)
+  name = ((lambda split: f"{described} ({dataset}:{split})") if described
+          else (lambda split: None))
   train = pipeline.text_pipeline(path, d.split, batch_size=int(d.batch_size),
-                                 seed=int(d.seed), **kw)
+                                 seed=int(d.seed), name=name(d.split), **kw)
   evals = None
   if eval_split:
     evals = pipeline.text_pipeline(path, eval_split, batch_size=int(d.batch_size),
-                                   shuffle=False, **kw)
+                                   shuffle=False, name=name(eval_split), **kw)
   return train, evals
 
 
 def jsonl_sources(cfg, vocab: int, tokenizer=None):
   """``data.source='jsonl'``: ``(train, eval or None)``."""
-  return _pipelines(build_jsonl(cfg), cfg, vocab, tokenizer)
+  return _pipelines(build_jsonl(cfg), cfg, vocab, tokenizer, described=cfg.data.path)
 
 
 def tfds_sources(cfg, vocab: int, tokenizer=None):
