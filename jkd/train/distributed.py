@@ -43,7 +43,6 @@ then abort at once with JAX's message and exit status 134.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -52,6 +51,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from jkd import errors
+from jkd.train import stopping
 
 _DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -229,26 +229,16 @@ class _Watchdog:
 class Preemption:
   """SIGTERM -> stop at the next step boundary (all processes at the same step).
 
-  One process: a signal handler sets a flag. Several: JAX's preemption sync point (the
-  distributed runtime catches the signal and agrees on a step).
+  One process: the flag of :func:`jkd.train.stopping.sigterm_noted`, inside which
+  :func:`jkd.train.train` runs (one SIGTERM handler for the data preparation and the loop).
+  Several: JAX's preemption sync point (the distributed runtime catches the signal and agrees
+  on a step).
   """
 
   def __init__(self):
-    self._flag = False
-    self._previous = None
     self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
 
   def __call__(self, step: int) -> bool:
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    return stopping.requested()

@@ -180,7 +180,6 @@ class _Training:
                                peak_flops=float(cfg.train.peak_tflops_per_device) * 1e12
                                * jax.device_count())
     self.preemption = Preemption()
-    cleanup.callback(self.preemption.close)
     self.placer = sharding.BatchPlacer(run.mesh, run.rules)
     common = dict(student_config=run.student_config, teacher=teacher,
                   params_shardings=run.state_shardings.params, replicated=run.replicated,
@@ -274,7 +273,7 @@ class _Training:
       self.monitor.restart_clock()
     status, last_eval, step = "done", None, start
     while step < self.total:
-      if self.preemption(step) or stopping.requested():
+      if self.preemption(step):
         status = "preempted"
         break
       state, metrics = self.step(state)

@@ -3,7 +3,7 @@
 
 :func:`jkd.train.stages.run` and :func:`jkd.train.train` run inside :func:`sigterm_noted`; the
 preparation steps poll :func:`requested` between units of work (the corpus between batches,
-each written and fsynced) and the training loop checks it before every step, next to
+each written and fsynced) and the training loop checks it before every step, through
 :class:`jkd.train.distributed.Preemption`. Single-process runs only: a multi-process run's
 SIGTERM goes through JAX's preemption sync point.
 """
