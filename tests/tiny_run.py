@@ -9,7 +9,7 @@ state donated. ``put(tree, shardings)`` places host values (every process holds 
 import jax
 import numpy as np
 
-from jkd import losses, models, train
+from jkd import losses, models, partitioning, train
 
 
 def put(tree, shardings):
@@ -19,8 +19,11 @@ def put(tree, shardings):
       tree, shardings)
 
 
-def tiny_step(mesh, objective):
-  """``(state, teacher params, jitted step, batch sharding, global tokens, global labels)``."""
+def tiny_step(mesh, objective, *, grad_accum=1, constrained=False, rows=8):
+  """``(state, teacher params, jitted step, batch sharding, global tokens, global labels)``.
+
+  ``constrained``: trace the step inside :func:`jkd.partitioning.activation_sharding` (as the
+  engine does), so activations carry the mesh's sharding constraints."""
   tcfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                             num_heads=4, num_kv_heads=2)
   tparams = models.init_params(tcfg, jax.random.key(0))
@@ -33,10 +36,18 @@ def tiny_step(mesh, objective):
   ss = train.state_shardings(abstract, ps, opt, mesh)
   state = jax.jit(lambda p: train.init_state(p, opt, obj), out_shardings=ss)(put(sparams, ps))
   bs = train.batch_sharding(mesh)
-  step = jax.jit(train.make_train_step(student_config=scfg, teacher_config=tcfg, objective=obj,
-                                       optimizer=opt, schedule=sched),
-                 in_shardings=(ss, bs, None, pt), out_shardings=(ss, None), donate_argnums=0)
-  toks = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 64))
+  fn = train.make_train_step(student_config=scfg, teacher_config=tcfg, objective=obj,
+                             optimizer=opt, schedule=sched, grad_accum=grad_accum)
+
+  def traced(*args):
+    if not constrained:
+      return fn(*args)
+    with partitioning.activation_sharding(mesh, train.DEFAULT_RULES):
+      return fn(*args)
+
+  step = jax.jit(traced, in_shardings=(ss, bs, None, pt), out_shardings=(ss, None),
+                 donate_argnums=0)
+  toks = np.asarray(jax.random.randint(jax.random.key(1), (rows, 16), 0, 64))
   labels = np.roll(toks, -1, 1)
   labels[:, -1] = -100
   return state, put(tparams, pt), step, bs, toks, labels

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jkd import partitioning
 from jkd import precision
 from jkd.losses import _common
 from jkd.losses import divergences
@@ -42,14 +43,28 @@ def _matmul(hidden: Array, head: Array) -> Array:
 
 def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
            shared: PyTree, weights: Array, chunk_size: int, with_grads: bool):
-  """Walks the ``[N, H]`` hidden states in chunks. Returns (loss, values, grads or None)."""
+  """Walks the ``[N, H]`` hidden states in chunks. Returns (loss, values, grads or None).
+
+  Chunk ``c`` holds tokens ``c, c + n_chunks, c + 2 n_chunks, ...``: when the tokens are
+  sharded over devices (rows of a batch-sharded ``[B, T, H]``, flattened), every chunk takes
+  ``chunk_size`` tokens from each device's own rows, so the scan never crosses a sharded axis
+  and the batch stays sharded (:func:`jkd.partitioning.batch_shards`; one device outside the
+  engine's steps).
+  """
   n = hidden.shape[0]
-  n_chunks = -(-n // chunk_size)
-  pad = n_chunks * chunk_size - n
+  shards = partitioning.batch_shards()
+  n_chunks = max(-(-n // (chunk_size * shards)), 1)
+  size = -(-n // n_chunks)
+  size = -(-size // shards) * shards if n % shards == 0 else size
+  pad = n_chunks * size - n
 
   def chunked(x):
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
-    return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+    x = x.reshape((size, n_chunks) + x.shape[1:]).swapaxes(0, 1)
+    return partitioning.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+  def unchunked(x):
+    return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])[:n]
 
   xs = (chunked(hidden), jax.tree.map(chunked, token_inputs), chunked(weights))
 
@@ -65,11 +80,11 @@ def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
 
   init = jnp.zeros(head.shape, jnp.float32) if with_grads else None
   grad_head, (values, grad_hidden) = jax.lax.scan(body, init, xs)
-  values = values.reshape(-1)[:n]
+  values = unchunked(values)
   loss = jnp.sum(values * weights)
   if not with_grads:
     return loss, values, None
-  grad_hidden = grad_hidden.reshape((-1,) + hidden.shape[1:])[:n]
+  grad_hidden = unchunked(grad_hidden)
   return loss, values, (grad_hidden, grad_head.astype(head.dtype))
 
 

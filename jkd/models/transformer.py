@@ -7,7 +7,10 @@ feature distillation), the MoE load-balancing loss and an updated KV cache (for 
 
 The layers are one ``nn.scan`` over stacked parameters (leading axis ``layers``): compile time
 does not grow with depth. Logical axis names: ``vocab``, ``embed``, ``heads``, ``kv_heads``,
-``head_dim``, ``mlp``, ``experts``, ``layers``.
+``head_dim``, ``mlp``, ``experts``, ``layers``. Activations are constrained to ``batch``,
+``activation_length``, ``activation_embed``, ``activation_heads``, ``activation_kv_heads``,
+``activation_mlp`` and ``activation_vocab`` (:func:`jkd.partitioning.constrain`: a no-op
+outside the engine's :func:`jkd.partitioning.activation_sharding`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import numpy as np
 
 from jkd import precision
 from jkd.models.config import ModelConfig
+from jkd.partitioning import constrain
 
 Array = jax.Array
 PyTree = Any
+
+#: Logical axes of the ``[B, T, H]`` residual stream and hidden states.
+HIDDEN_AXES = ("batch", "activation_length", "activation_embed")
 
 
 def _dense_init(axes):
@@ -120,9 +127,11 @@ class Attention(nn.Module):
       return Dense((heads, d), ("embed",) + axes, dtype, pdtype, use_bias=cfg.qkv_bias,
                    name=name)(x)
 
-    q = proj("q", nh, ("heads", "head_dim"))
-    k = proj("k", nkv, ("kv_heads", "head_dim"))
-    v = proj("v", nkv, ("kv_heads", "head_dim"))
+    heads_axes = ("batch", "activation_length", "activation_heads", None)
+    kv_axes = ("batch", "activation_length", "activation_kv_heads", None)
+    q = constrain(proj("q", nh, ("heads", "head_dim")), heads_axes)
+    k = constrain(proj("k", nkv, ("kv_heads", "head_dim")), kv_axes)
+    v = constrain(proj("v", nkv, ("kv_heads", "head_dim")), kv_axes)
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="k_norm")(k)
@@ -138,11 +147,12 @@ class Attention(nn.Module):
     qg = q.reshape(b, t, nkv, nh // nkv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = constrain(scores, ("batch", "activation_kv_heads", None, "activation_length", None))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype),
                      preferred_element_type=jnp.float32).astype(dtype)
-    out = out.reshape(b, t, nh, d)
+    out = constrain(out.reshape(b, t, nh, d), heads_axes)
     out = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), dtype, pdtype, contract=2,
                 name="o")(out)
     attn = probs.reshape(b, nh, t, -1) if self.output_attentions else None
@@ -157,9 +167,11 @@ class MLP(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     dense = lambda n, f, axes: Dense((f,), axes, dtype, pdtype, name=n)  # noqa: E731
-    gate = dense("gate", cfg.intermediate_size, ("embed", "mlp"))(x)
-    up = dense("up", cfg.intermediate_size, ("embed", "mlp"))(x)
-    return dense("down", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+    mlp_axes = ("batch", "activation_length", "activation_mlp")
+    gate = constrain(dense("gate", cfg.intermediate_size, ("embed", "mlp"))(x), mlp_axes)
+    up = constrain(dense("up", cfg.intermediate_size, ("embed", "mlp"))(x), mlp_axes)
+    return dense("down", cfg.hidden_size, ("mlp", "embed"))(constrain(nn.silu(gate) * up,
+                                                                       mlp_axes))
 
 
 class MoE(nn.Module):
@@ -205,15 +217,16 @@ class Block(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     cache = None if cache_k is None else (cache_k, cache_v, cache_index)
+    x = constrain(x, HIDDEN_AXES)
     h, new_cache, attn = Attention(cfg, self.output_attentions, name="attn")(
         RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attn_norm")(x), positions, mask, cache)
-    x = x + h
+    x = constrain(x + h, HIDDEN_AXES)
     y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     if cfg.num_experts:
       y, aux = MoE(cfg, name="moe")(y)
     else:
       y, aux = MLP(cfg, name="mlp")(y), jnp.zeros((), jnp.float32)
-    x = x + y
+    x = constrain(x + y, HIDDEN_AXES)
     new_k, new_v = (None, None) if new_cache is None else new_cache
     return x, (new_k, new_v, x, attn, aux)
 
@@ -230,7 +243,7 @@ class Decoder(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")),
                      name="embed")
-    x = embed(tokens)
+    x = constrain(embed(tokens), HIDDEN_AXES)
     block = Block
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
@@ -240,7 +253,7 @@ class Decoder(nn.Module):
                      metadata_params={nn.PARTITION_NAME: "layers"})
     x, (new_k, new_v, hiddens, attns, aux) = layers(cfg, self.output_attentions, name="layers")(
         x, positions, mask, cache_k, cache_v, cache_index)
-    x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
+    x = constrain(RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x), HIDDEN_AXES)
     if not cfg.tie_embeddings:
       self.param("lm_head", _dense_init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size),
                  pdtype)
@@ -360,8 +373,11 @@ def apply(params: PyTree, tokens: Array, *, config: ModelConfig,
       {"params": params}, tokens, positions, mask, ck, cv, start)
   logits = None
   if return_logits:
-    head = output_head(params, config)
-    logits = precision.dot(hidden, head, dtype=config.dtype, out_dtype=jnp.float32)
+    # Cast before the weights are gathered (FSDP): a bfloat16 run gathers half the bytes.
+    head = constrain(output_head(params, config).astype(config.dtype),
+                     ("activation_embed", "activation_vocab"))
+    logits = constrain(precision.dot(hidden, head, dtype=config.dtype, out_dtype=jnp.float32),
+                       ("batch", "activation_length", "activation_vocab"))
   new_cache = None
   if cache is not None:
     new_cache = {"k": new_k, "v": new_v, "mask": key_valid, "index": start + t,

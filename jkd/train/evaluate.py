@@ -33,6 +33,8 @@ import numpy as np
 
 from jkd import losses
 from jkd import models
+from jkd import partitioning
+from jkd.train import sharding
 
 Array = jax.Array
 PyTree = Any
@@ -194,7 +196,12 @@ class Evaluator:
     shardings = self.batches.shardings(first)
     if self._compiled is None:
       params_shardings, replicated = self._shardings
-      self._compiled = jax.jit(self._step, out_shardings=replicated, in_shardings=(
+
+      def traced(*args):  # Activations pinned to the run's mesh, as in the train step.
+        with partitioning.activation_sharding(replicated.mesh, sharding.DEFAULT_RULES):
+          return self._step(*args)
+
+      self._compiled = jax.jit(traced, out_shardings=replicated, in_shardings=(
           params_shardings, self.teacher.shardings, shardings))
     placed = (self.batches.place(b, shardings) for b in itertools.chain([first], local))
     metrics = evaluate_batches(self._compiled, params, self.teacher.params, placed)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jkd import losses
 from jkd import models
+from jkd import partitioning
 from jkd.data import examples
 from jkd.train import build
 from jkd.train import evaluate as eval_lib
@@ -96,6 +97,12 @@ def check_batch(cfg, mesh: Mesh, rules) -> None:
         f" axes ({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}, mesh.shape"
         f" {tuple(mesh.shape.values())}): make it a multiple of {shards} (e.g. {fit}) or set"
         " mesh.shape to use fewer devices for the batch.")
+  accum = int(cfg.train.grad_accum)
+  if (batch // shards) % accum:
+    raise ValueError(
+        f"train.grad_accum {accum} does not split the {batch // shards} rows each device holds"
+        f" (data.batch_size {batch} over {shards} devices of the batch axes): make"
+        f" data.batch_size a multiple of {shards * accum}, or lower train.grad_accum.")
   if batch % jax.process_count():
     raise ValueError(f"data.batch_size {batch} does not split over {jax.process_count()}"
                      " processes: make it a multiple of the process count.")
@@ -185,7 +192,8 @@ class Run:
                               grad_accum=int(self.config.train.grad_accum))
 
     def step(state, batch, step_key, teacher_params):
-      return step_fn(state, batch, jax.random.fold_in(step_key, state.step), teacher_params)
+      with partitioning.activation_sharding(self.mesh, self.rules):  # Traced on this mesh.
+        return step_fn(state, batch, jax.random.fold_in(step_key, state.step), teacher_params)
 
     return step
 

@@ -1,9 +1,10 @@
 """Device meshes and the one table of logical-axis rules (MaxText style).
 
 Parameters and activations carry logical axis names (``embed``, ``mlp``, ``heads``, ``vocab``,
-``batch``, ...); :data:`DEFAULT_RULES` maps them to the mesh axes ``data``, ``fsdp`` and
-``tensor``. A dimension that a mesh axis does not divide is replicated instead (and reported by
-:func:`describe`), so any model runs on any mesh.
+``batch``, ``activation_*``, ...); :data:`DEFAULT_RULES` maps them to the mesh axes ``data``,
+``fsdp`` and ``tensor``. A dimension that a mesh axis does not divide is replicated instead (and
+reported by :func:`describe`), so any model runs on any mesh. Activations are pinned to these
+rules while the engine traces its steps (:func:`jkd.partitioning.activation_sharding`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jkd import partitioning
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-#: logical axis -> mesh axis (or axes, or None = replicated).
+#: logical axis -> mesh axis (or axes, or None = replicated). Parameters: ``vocab`` ...
+#: ``layers``. Activations: ``batch`` (rows: over ``data`` and ``fsdp``, so FSDP gathers weights
+#: and keeps every activation batch-sharded), ``activation_length``, ``activation_embed``
+#: (replicated), ``activation_heads``/``activation_kv_heads``/``activation_mlp``/
+#: ``activation_vocab`` (over ``tensor``), as MaxText's ``activation_*`` rules.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -57,29 +70,13 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def _mesh_axes(logical: str | None, rules: dict) -> tuple[str, ...]:
-  if logical is None:
-    return ()
-  target = rules.get(logical)
-  if target is None:
-    return ()
-  return (target,) if isinstance(target, str) else tuple(target)
+_mesh_axes = partitioning.mesh_axes
 
 
 def logical_to_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
   """Mesh ``PartitionSpec`` for an array with these logical axes (undividable dims replicated)."""
-  table = dict(rules)
-  used: set[str] = set()
-  out = []
-  for name, size in zip(logical_spec, shape):
-    axes = tuple(a for a in _mesh_axes(name, table) if a not in used and mesh.shape[a] > 1)
-    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-      used.update(axes)
-      out.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      out.append(None)
-  return PartitionSpec(*out)
+  return partitioning.logical_to_spec(tuple(logical_spec), shape, mesh, rules)
 
 
 def shardings_for(abstract_tree: Any, logical_tree: Any, mesh: Mesh,

@@ -18,6 +18,7 @@ import optax
 
 from jkd import losses
 from jkd import models
+from jkd.partitioning import constrain
 from jkd.train import preference_step
 
 PyTree = Any
@@ -216,7 +217,9 @@ def make_train_step(*, student_config: models.ModelConfig,
   preference batch (chosen/rejected pairs, or KTO: :mod:`jkd.train.preference_step`). Fields
   ``metric/<name>`` (``[batch]`` floats) are logged as ``<name>`` (their mean). With
   ``grad_accum > 1`` the batch is split into that many micro-batches whose gradients are
-  averaged. Jit it with ``donate_argnums=0``.
+  averaged: micro-batch ``j`` holds rows ``j, j + grad_accum, ...``, so each device's own rows
+  are split (its memory falls) and no rows move between devices. Jit it with
+  ``donate_argnums=0``.
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1 (got {grad_accum}).")
@@ -241,8 +244,11 @@ def make_train_step(*, student_config: models.ModelConfig,
     if grad_accum == 1:
       (total, metrics), grads = grad_fn(trainable, batch, teacher_params, state.objective_state)
     else:
-      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum)
-                                               + x.shape[1:]), batch)
+      # Micro-batch j holds rows j, j + A, j + 2A, ...: each device's own rows split A ways
+      # (a device holding a contiguous block of rows keeps its share of every micro-batch).
+      micro = jax.tree.map(lambda x: constrain(
+          x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1),
+          (None, "batch") + (None,) * (x.ndim - 1)), batch)
 
       def body(carry, mb):
         (t, m), g = grad_fn(trainable, mb, teacher_params, state.objective_state)
