@@ -42,8 +42,17 @@ def _path(section, key: str) -> str:
 
 
 def _model_fields(section) -> dict[str, Any]:
-  """The set (non-None) entries of a ``model`` config section."""
-  return {k: v for k, v in section.to_dict().items() if v is not None}
+  """The set (non-None) entries of a ``model`` config section (``rope_scaling`` as a tuple)."""
+  fields = {k: v for k, v in section.to_dict().items() if v is not None}
+  if "rope_scaling" in fields:
+    scaling = tuple(fields["rope_scaling"])
+    if len(scaling) != 4:
+      raise ValueError(f"rope_scaling {scaling} must be the Llama-3 tuple (factor,"
+                       " low_freq_factor, high_freq_factor, original_max_position_embeddings),"
+                       " e.g. (32.0, 1.0, 4.0, 8192).")
+    fields["rope_scaling"] = (float(scaling[0]), float(scaling[1]), float(scaling[2]),
+                              int(scaling[3]))
+  return fields
 
 
 def _reshard(params: PyTree, shardings: PyTree) -> PyTree:

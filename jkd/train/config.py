@@ -15,6 +15,9 @@ Keys:
                            (the packaged SmolLM2-135M-Instruct GGUF), or a model spec
                            (:mod:`jkd.data.model_spec`: ``gguf:PATH``, ``hf:DIR``)
 ``teacher.model.*``        :class:`jkd.models.ModelConfig` fields of a ``random`` teacher
+                           (shapes, ``rope_theta``, ``rope_scaling`` (Llama 3: ``(factor,
+                           low, high, original_max_position_embeddings)``), ``tie_embeddings``,
+                           ``qkv_bias``, ``qk_norm``, ``max_position_embeddings``)
 ``teacher.dtype``          compute dtype; ``teacher.param_dtype``: ``bfloat16`` stores the frozen
                            teacher in bf16
 ``teacher.tokenizer``      ``""``: the teacher's own (GGUF or Hugging Face); ``char``: a
@@ -27,7 +30,9 @@ Keys:
                            ``teacher_tail_logprob``), preference terms a precomputed reference,
                            and evaluation reports student metrics only
 ``student.source``         ``layers`` (every ``student.every``-th teacher layer), ``random``
-                           (the teacher's config with ``student.model.*`` overrides),
+                           (the teacher's config with ``student.model.*`` overrides: shapes,
+                           ``rope_theta``, ``rope_scaling``, ``tie_embeddings``, ``qkv_bias``,
+                           ``qk_norm``, ``max_position_embeddings``, ``rms_norm_eps``),
                            ``hf`` or ``checkpoint`` (``student.path``)
 ``student.model.num_experts``  a mixture-of-experts student (``random`` source): experts per
                            layer, ``num_experts_per_tok`` routed per token,
@@ -194,8 +199,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher.model = ml_collections.ConfigDict(dict(
       architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
       num_layers=30, num_heads=9, num_kv_heads=3, head_dim=config_dict.placeholder(int),
-      rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=True,
-      max_position_embeddings=8192))
+      rope_theta=10000.0, rope_scaling=config_dict.placeholder(tuple), rms_norm_eps=1e-5,
+      tie_embeddings=True, qkv_bias=False, qk_norm=False, max_position_embeddings=8192))
   c.teacher.dtype = "float32"
   c.teacher.param_dtype = "float32"
   c.teacher.tokenizer = ""
@@ -207,9 +212,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.path = ""
   c.student.init_from = ""
   c.student.model = ml_collections.ConfigDict(dict(
-      vocab_size=config_dict.placeholder(int), num_layers=config_dict.placeholder(int), hidden_size=config_dict.placeholder(int),
+      vocab_size=config_dict.placeholder(int), num_layers=config_dict.placeholder(int),
+      hidden_size=config_dict.placeholder(int),
       intermediate_size=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
       num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int),
+      rope_theta=config_dict.placeholder(float), rope_scaling=config_dict.placeholder(tuple),
+      rms_norm_eps=config_dict.placeholder(float),
+      tie_embeddings=config_dict.placeholder(bool), qkv_bias=config_dict.placeholder(bool),
+      qk_norm=config_dict.placeholder(bool),
+      max_position_embeddings=config_dict.placeholder(int),
       num_experts=config_dict.placeholder(int), num_experts_per_tok=config_dict.placeholder(int),
       router_aux_loss_coef=config_dict.placeholder(float)))
   c.student.dtype = "float32"
