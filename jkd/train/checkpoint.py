@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from jkd import errors
 from jkd.errors import CheckpointError, CheckpointMismatchError, SaveError
+from jkd.train import storage
 
 PyTree = Any
 
@@ -33,6 +34,10 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 #: Room kept free beyond a checkpoint's array bytes (metadata, JSON items, file system slack).
 _SPACE_MARGIN = 1 << 20
+
+
+class _Skip(Exception):
+  """No free-space check for this directory (object storage)."""
 
 
 def _brief(e: BaseException, limit: int = 300) -> str:
@@ -128,7 +133,7 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1 (got {keep}).")
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max' (got {best_mode!r}).")
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
     self.config = dict(config or {})
     self.best_metric = best_metric or None
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -161,7 +166,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return storage.join(self.directory, str(step))
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
     return CheckpointError(
@@ -236,6 +241,9 @@ class Checkpointer:
     process checks, and all raise when one does."""
     code, detail = 0, ""
     try:
+      if storage.is_remote(self.directory):  # Object storage: a write, no space to count.
+        storage.probe_write(self.directory)
+        raise _Skip
       os.makedirs(self.directory, exist_ok=True)
       fd, probe = tempfile.mkstemp(prefix=".jkd-write-probe-", dir=self.directory)
       os.close(fd)
@@ -243,8 +251,16 @@ class Checkpointer:
       free, need = shutil.disk_usage(self.directory).free, nbytes + nbytes // 10 + _SPACE_MARGIN
       if free < need:
         code, detail = errno_lib.ENOSPC, f" (the step needs about {_mib(need)}; {_mib(free)} free)"
+    except _Skip:
+      pass
+    except TimeoutError as e:
+      code, detail = errno_lib.ETIMEDOUT, f" ({e})"
     except OSError as e:
       code = e.errno or errno_lib.EIO
+      if storage.is_remote(self.directory):
+        detail = f" ({_brief(e)})"
+    except Exception as e:  # noqa: BLE001 (object-storage clients raise their own types)
+      code, detail = errno_lib.EIO, f" ({_brief(e)})"
     if jax.process_count() > 1:  # All processes stop together, or none does.
       codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).ravel()
       if not code and codes.any():
@@ -280,13 +296,13 @@ class Checkpointer:
     """Removes the ``<step>.orbax-checkpoint-tmp`` directories of incomplete saves."""
     removed = []
     try:
-      names = os.listdir(self.directory)
+      names = storage.listdir(self.directory)
     except OSError:
       return removed
     for name in names:
       if name.endswith(TMP_SUFFIX):
-        path = os.path.join(self.directory, name)
-        shutil.rmtree(path, ignore_errors=True)
+        path = storage.join(self.directory, name)
+        storage.rmtree(path)
         removed.append(path)
     return removed
 
@@ -313,14 +329,23 @@ class Checkpointer:
 
 def find_checkpoint(path: str) -> str:
   """The newest step directory under ``path`` (a workdir, its checkpoints dir, or a step dir)."""
-  for candidate in (path, os.path.join(path, "checkpoints")):
-    if os.path.isdir(os.path.join(candidate, "state")):
+  path = storage.resolve(path)
+
+  def complete(step_dir: str) -> bool:
+    # Locally a save is renamed into place when done; in object storage (no renames) orbax
+    # writes the step's folder directly and marks it done with commit_success.txt last.
+    return storage.isdir(storage.join(step_dir, "state")) and (
+        not storage.is_remote(step_dir)
+        or storage.exists(storage.join(step_dir, "commit_success.txt")))
+
+  for candidate in (path, storage.join(path, "checkpoints")):
+    if complete(candidate):
       return candidate
-    if os.path.isdir(candidate):
-      steps = [int(n) for n in os.listdir(candidate) if n.isdigit()
-               and os.path.isdir(os.path.join(candidate, n, "state"))]
+    if storage.isdir(candidate):
+      steps = [int(n) for n in storage.listdir(candidate) if n.isdigit()
+               and complete(storage.join(candidate, n))]
       if steps:
-        return os.path.join(candidate, str(max(steps)))
+        return storage.join(candidate, str(max(steps)))
   raise FileNotFoundError(f"no jkd checkpoint under {path!r} (looked for <step>/state in it and"
                           " in its checkpoints/ folder).")
 
@@ -338,7 +363,7 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
     CheckpointError: the checkpoint cannot be read.
   """
   step_dir = find_checkpoint(path)
-  state_dir = os.path.join(step_dir, "state")
+  state_dir = storage.join(step_dir, "state")
   item = {"params": abstract_params}
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -361,6 +386,6 @@ def read_config(path: str) -> dict:
   step_dir = find_checkpoint(path)
   try:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-      return dict(ckptr.restore(os.path.join(step_dir, "config")))
+      return dict(ckptr.restore(storage.join(step_dir, "config")))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"checkpoint {step_dir} has no readable config ({_brief(e)}).") from e

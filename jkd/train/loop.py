@@ -37,6 +37,7 @@ from jkd.train import setup as setup_lib
 from jkd.train import sharding
 from jkd.train import sources
 from jkd.train import stopping
+from jkd.train import storage
 from jkd.train.distributed import Preemption, initialize_distributed
 from jkd.errors import NonFiniteError
 from jkd.train.progress import StepMonitor
@@ -67,11 +68,12 @@ def check_resume(cfg, workdir: str, allow: Sequence[str] = ()) -> tuple[int, dic
   """
   new = json.loads(cfg.to_json_best_effort())
   allow = resume_lib.check_allow(allow, new)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  workdir = storage.resolve(workdir)
+  storage.check_workdir(workdir)  # A gs:// bucket exists and answers.
+  if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"the workdir {workdir} is a file, not a directory: pass another --workdir.")
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(workdir, "checkpoints")
+  if not storage.isdir(directory):
     return None
   try:
     step_dir = ckpt_lib.find_checkpoint(directory)
@@ -80,18 +82,18 @@ def check_resume(cfg, workdir: str, allow: Sequence[str] = ()) -> tuple[int, dic
   stored = ckpt_lib.read_config(step_dir).get("config")
   if stored is None:
     return None
-  return int(os.path.basename(step_dir)), resume_lib.check_resume(stored, new, where=step_dir,
+  return int(step_dir.rstrip("/").rsplit("/", 1)[-1]), resume_lib.check_resume(stored, new, where=step_dir,
                                                                   allow=allow)
 
 
 def _workdir(cfg, workdir: str, resumed: tuple[int, dict] | None, allow: Sequence[str]) -> str:
   """The absolute workdir, created, with ``config.json`` and the accepted config changes of a
   resume in ``config_history.jsonl`` (process 0); called once the run is accepted."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2) + "\n")
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.json"),
+                       cfg.to_json_best_effort(indent=2) + "\n")
     if resumed is not None and resumed[1]:
       step, changes = resumed
       resume_lib.record(workdir, step, changes, allow)
@@ -117,7 +119,7 @@ def _batch_sources(run: setup_lib.Run, train_source, eval_source):
 def _checkpointer(run: setup_lib.Run, workdir: str) -> ckpt_lib.Checkpointer:
   ck = run.config.checkpoint
   return ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=int(ck.keep), best_metric=ck.best_metric,
+      storage.join(workdir, "checkpoints"), keep=int(ck.keep), best_metric=ck.best_metric,
       best_mode=ck.best_mode, async_save=bool(ck.async_save), config={
           "config": json.loads(run.config.to_json_best_effort()),
           "student_model": build.model_record(run.student_config),
@@ -343,7 +345,7 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
   if train_source is None:  # The config's data.
     setup_lib.check_seq_len(config, run.teacher_spec.config, run.student_config)
   train_source, eval_source = _batch_sources(run, train_source, eval_source)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   with contextlib.ExitStack() as cleanup:
     checkpointer = _checkpointer(run, workdir)  # Creates nothing before the first save.
     cleanup.callback(checkpointer.close)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from jkd.train import monitor as monitor_lib
+from jkd.train import storage
 from jkd.train.writer import read_metrics
 
 REPORT_MD, REPORT_JSON, CURVES_PNG = "report.md", "report.json", "curves.png"
@@ -121,14 +123,17 @@ def write_report(workdir: str, summary: Mapping[str, Any] | None = None, *,
       facts[key] = {**facts[key], **value}
     else:
       facts[key] = value
-  paths = {"md": os.path.join(workdir, REPORT_MD), "json": os.path.join(workdir, REPORT_JSON),
-           "png": os.path.join(workdir, CURVES_PNG)}
-  plot_curves(history, paths["png"], title=title)
-  with open(paths["json"], "w") as f:
-    json.dump(facts, f, indent=2, default=float)
-    f.write("\n")
-  with open(paths["md"], "w") as f:
-    f.write(_markdown(facts, title))
+  paths = {"md": storage.join(workdir, REPORT_MD), "json": storage.join(workdir, REPORT_JSON),
+           "png": storage.join(workdir, CURVES_PNG)}
+  if storage.is_remote(workdir):  # Drawn here, then uploaded.
+    with tempfile.TemporaryDirectory() as tmp:
+      local = plot_curves(history, os.path.join(tmp, CURVES_PNG), title=title)
+      with open(local, "rb") as f:
+        storage.write_bytes(paths["png"], f.read())
+  else:
+    plot_curves(history, paths["png"], title=title)
+  storage.write_text(paths["json"], json.dumps(facts, indent=2, default=float) + "\n")
+  storage.write_text(paths["md"], _markdown(facts, title))
   return paths
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from typing import Any, Iterable, Mapping
 
 from jkd import errors
+from jkd.train import storage
 
 #: Keys (or sections) free to change on resume: they do not change the computation.
 FREE_KEYS = ("train.log_every", "train.progress_bar", "train.peak_tflops_per_device",
@@ -129,5 +129,4 @@ def record(workdir: str, step: int, changes: Mapping[str, tuple],
   entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "step": int(step), "changes": {k: [o, n] for k, (o, n) in changes.items()},
            "allowed": sorted(set(allow))}
-  with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  storage.append_text(storage.join(workdir, HISTORY_FILE), json.dumps(entry) + "\n")

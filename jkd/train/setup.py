@@ -32,6 +32,7 @@ from jkd.data import examples
 from jkd.train import build
 from jkd.train import evaluate as eval_lib
 from jkd.train import sharding
+from jkd.train import storage
 from jkd.train.step import TrainState, make_optimizer, make_train_step
 
 PyTree = Any
@@ -77,6 +78,15 @@ def check_config(cfg) -> None:
   if cfg.checkpoint.best_mode not in ("min", "max"):
     raise ValueError(f"checkpoint.best_mode must be 'min' or 'max' (got"
                      f" {cfg.checkpoint.best_mode!r}).")
+  for key in ("data.path", "data.eval_path", "data.data_dir", "data.select_reference",
+              "teacher.path", "student.path", "student.init_from"):
+    section, name = key.split(".")
+    value = str(cfg[section].get(name, "") or "")
+    if any(storage.is_remote(part) for part in value.split(",") if part.strip()):
+      raise ValueError(
+          f"{key}={value}: jkd reads data and models from local or mounted paths so far; only"
+          " the workdir may be a gs:// URL. Copy it to a local disk first (gcloud storage cp"
+          " -r ...) or mount the bucket (gcsfuse).")
   if cfg.data.batch_size % int(cfg.train.grad_accum):
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by"
                      f" train.grad_accum {cfg.train.grad_accum}.")

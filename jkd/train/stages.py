@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -33,6 +32,7 @@ from jkd.train import setup as setup_lib
 from jkd.train import sharding
 from jkd.train import sources
 from jkd.train import stopping
+from jkd.train import storage
 
 
 def _say(message: str) -> None:
@@ -72,7 +72,7 @@ def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict[s
   ``allow_config_change``: see :func:`jkd.train.train`.
   """
   distributed.initialize_distributed(cfg)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   with stopping.sigterm_noted():
     try:
       return _run(cfg, workdir, allow_config_change)
@@ -87,6 +87,11 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any
   setup_lib.check_config(cfg)
   loop.check_resume(cfg, workdir, allow_config_change)  # Reads only.
   prepare = sources.data_source(cfg).prepare
+  if prepare is not None and storage.is_remote(workdir):
+    raise ValueError(
+        f"data.source={cfg.data.source} writes its data into the workdir, which must then be a"
+        f" local or mounted path, not {workdir}: run it with a local workdir, or write the data"
+        " first (e.g. python -m jkd.data.corpus) and train on it with data.source=tfds.")
   models = _Models(cfg) if prepare is not None or bool(cfg.report.enabled) else None
   if models is not None:  # (Without: train() checks everything before writing.)
     run = setup_lib.setup(cfg, teacher_config=models.teacher.config)

@@ -3,27 +3,26 @@
 Each line of ``metrics.jsonl`` is ``{"step": s, "<namespace>/<name>": value, ...}`` with floats
 written by ``repr`` (``json`` does), so they read back bit-for-bit. A resumed run first drops the
 lines after its restored step, so the file always describes one consistent run; TensorBoard gets
-``purge_step`` for the same effect.
+``purge_step`` for the same effect. In a ``gs://`` workdir the file is rewritten whole at each
+write (object stores cannot append) and TensorBoard events are not written.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from typing import Mapping
+
+from jkd.train import storage
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The lines of ``workdir/metrics.jsonl`` as dicts (``[]`` when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = storage.read_text(storage.join(workdir, METRICS_FILE))
+  return [] if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _summary_writer_class():
@@ -58,27 +57,33 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, start_step: int = 0, enabled: bool = True,
                tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = storage.join(workdir, METRICS_FILE)
     self._tb = None
+    self._file = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    kept = [m for m in read_metrics(workdir) if m.get("step", 0) <= start_step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(m) + "\n" for m in kept)
-    os.replace(tmp, self.path)
-    self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
-    if tensorboard:
-      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"),
+    storage.makedirs(workdir)
+    kept = [json.dumps(m) + "\n" for m in read_metrics(workdir)
+            if m.get("step", 0) <= start_step]
+    storage.write_text(self.path, "".join(kept))
+    self._remote = storage.is_remote(self.path)
+    self._lines = kept  # What a remote file holds (it is written whole each time).
+    if not self._remote:
+      self._file = open(self.path, "a")  # noqa: SIM115  (closed in close())
+    if tensorboard and not self._remote:
+      self._tb = _summary_writer_class()(storage.join(workdir, "tensorboard"),
                                purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
-                                                        metrics.items()}}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      storage.write_text(self.path, "".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for name, value in metrics.items():
         if math.isfinite(value):
@@ -87,6 +92,7 @@ class MetricsWriter:
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
