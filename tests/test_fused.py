@@ -355,3 +355,67 @@ def test_bad_inputs_raise_clear_errors(rng):
     h(hs, ws, labels + V)
   with pytest.raises(ValueError, match="outside the vocabulary"):
     h(hs, ws, labels - 1)  # -1 is not the ignore index
+
+
+# ----------------------------------------------------------------------------------------------
+# The head's gradient by vocabulary blocks.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, options", [("forward_kl", {}), ("reverse_kl", {}),
+                                           ("generalized_jsd", {"beta": 0.3}),
+                                           ("cross_entropy", {})])
+def test_vocab_blocks_equal_the_token_sweep_and_the_unfused_form(name, options, rng):
+  """Blocks of 4 columns over V = 13 (the last block overlaps the one before it), blocks of
+  the whole vocabulary, and the token sweep (vocab_block=None) give the unfused form's loss,
+  per-token values and gradients (hidden states, head, weights), with a mask, weights, T = 2."""
+  hs, ws, ht, wt, where, weights = _inputs(rng)
+  labels = rng.integers(0, V, (B, S)).astype(np.int32)
+  labels[0, :2] = losses.IGNORE_INDEX
+  t = 1.0 if name == "cross_entropy" else 2.0
+
+  @functools.partial(jit, static_argnames="vocab_block")
+  def fused(hs, ws, w, vocab_block):
+    def f(hs, ws, w):
+      if name == "cross_entropy":
+        return losses.fused_linear_cross_entropy(hs, ws, labels, where=where, weights=w,
+                                                 chunk_size=CHUNK, vocab_block=vocab_block)
+      return losses.fused_linear_divergence(hs, ws, ht, wt, divergence=name, temperature=t,
+                                            where=where, weights=w, chunk_size=CHUNK,
+                                            vocab_block=vocab_block, **options)
+    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hs, ws, w)
+
+  @jit
+  def unfused(hs, ws, w):
+    def f(hs, ws, w):
+      if name == "cross_entropy":
+        values = losses.cross_entropy(hs @ ws, labels, where=where)
+      else:
+        values = losses.full_divergence(name, hs @ ws, ht @ wt, temperature=t, where=where,
+                                        **options)
+      return jnp.sum(values * w), values
+    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hs, ws, w)
+
+  (u_loss, u_values), u_grads = unfused(hs, ws, weights)
+  counted = where & (labels != losses.IGNORE_INDEX) if name == "cross_entropy" else where
+  for vocab_block in (4, V, None):
+    (loss, values), grads = fused(hs, ws, weights, vocab_block)
+    what = f"vocab_block={vocab_block}"
+    assert_close(loss, u_loss, err_msg=what)
+    assert_close(values, np.where(counted, u_values, 0.0), err_msg=what)
+    for i, (g, ug) in enumerate(zip(grads, u_grads)):
+      expected = np.where(counted, ug, 0.0) if i == 2 else ug
+      assert_close(g, expected, rtol=1e-4, atol=1e-6, err_msg=f"{what} gradient {i}")
+  # The number itself, from the float64 reference.
+  if name == "cross_entropy":
+    per_token = ref.cross_entropy(ref.f64(hs) @ ref.f64(ws), labels, where=where)
+  else:
+    per_token = ref.full_divergence(name, ref.f64(hs) @ ref.f64(ws), ref.f64(ht) @ ref.f64(wt),
+                                    temperature=t, where=where, **options)
+  assert_close(fused(hs, ws, weights, 4)[0][0], np.sum(per_token * weights), rtol=1e-4,
+               atol=1e-5)
+
+
+def test_bad_vocab_block_is_an_error(rng):
+  hs, ws, ht, wt, _, _ = _inputs(rng)
+  with pytest.raises(ValueError, match="vocab_block must be a positive int"):
+    losses.fused_linear_divergence(hs, ws, ht, wt, vocab_block=0)

@@ -31,6 +31,8 @@ from jkd.losses.features import (
 )
 from jkd.losses.fused import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_VOCAB_BLOCK,
+    blocked_linear_loss,
     chunked_linear_loss,
     fused_linear_cross_entropy,
     fused_linear_divergence,

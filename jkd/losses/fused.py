@@ -35,23 +35,19 @@ PyTree = Any
 #: Default number of tokens per chunk: ``chunk_size x vocab`` float32 logits per live array.
 DEFAULT_CHUNK_SIZE = 512
 
+#: Default number of vocabulary columns per block of the head-gradient sweep
+#: (:func:`blocked_linear_loss`).
+DEFAULT_VOCAB_BLOCK = 1024
+
 
 def _matmul(hidden: Array, head: Array) -> Array:
   """float32 logits; operands in the hidden states' dtype (bf16 ones accumulate in float32)."""
   return precision.dot(hidden, head, dtype=hidden.dtype, out_dtype=jnp.float32)
 
 
-def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
-           shared: PyTree, weights: Array, chunk_size: int, with_grads: bool):
-  """Walks the ``[N, H]`` hidden states in chunks. Returns (loss, values, grads or None).
-
-  Chunk ``c`` holds tokens ``c, c + n_chunks, c + 2 n_chunks, ...``: when the tokens are
-  sharded over devices (rows of a batch-sharded ``[B, T, H]``, flattened), every chunk takes
-  ``chunk_size`` tokens from each device's own rows, so the scan never crosses a sharded axis
-  and the batch stays sharded (:func:`jkd.partitioning.batch_shards`; one device outside the
-  engine's steps).
-  """
-  n = hidden.shape[0]
+def _chunking(n: int, chunk_size: int) -> tuple[Callable, Callable]:
+  """``(chunked, unchunked)``: ``[n, ...]`` arrays to ``[n_chunks, size, ...]`` and back, chunk
+  ``c`` holding tokens ``c, c + n_chunks, ...`` (see :func:`_sweep`)."""
   shards = partitioning.batch_shards()
   n_chunks = max(-(-n // (chunk_size * shards)), 1)
   size = -(-n // n_chunks)
@@ -65,6 +61,22 @@ def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
 
   def unchunked(x):
     return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])[:n]
+
+  return chunked, unchunked
+
+
+def _sweep(token_fn: Callable, hidden: Array, head: Array, token_inputs: PyTree,
+           shared: PyTree, weights: Array, chunk_size: int, with_grads: bool):
+  """Walks the ``[N, H]`` hidden states in chunks. Returns (loss, values, grads or None).
+
+  Chunk ``c`` holds tokens ``c, c + n_chunks, c + 2 n_chunks, ...``: when the tokens are
+  sharded over devices (rows of a batch-sharded ``[B, T, H]``, flattened), every chunk takes
+  ``chunk_size`` tokens from each device's own rows, so the scan never crosses a sharded axis
+  and the batch stays sharded (:func:`jkd.partitioning.batch_shards`; one device outside the
+  engine's steps).
+  """
+  n = hidden.shape[0]
+  chunked, unchunked = _chunking(n, chunk_size)
 
   xs = (chunked(hidden), jax.tree.map(chunked, token_inputs), chunked(weights))
 
@@ -235,6 +247,7 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
                             temperature: float = 1.0, where: Array | None = None,
                             weights: Array | None = None,
                             chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            vocab_block: int | None = DEFAULT_VOCAB_BLOCK,
                             **options: Any) -> tuple[Array, Array]:
   r"""A token-level divergence from hidden states and heads, chunked over tokens.
 
@@ -253,6 +266,10 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
     weights: optional ``[...]`` per-position weights; default: the masked token mean
       (``where / count``). Per-sequence means are ``where / length / batch``.
     chunk_size: tokens per chunk (memory ~ ``chunk_size x V`` floats per live array).
+    vocab_block: for ``forward_kl``, ``reverse_kl`` and ``generalized_jsd`` (static options),
+      the backward pass walks the vocabulary in blocks of this many columns and forms each
+      block's head gradient whole (no ``[H, V]`` float32 accumulator: see
+      :func:`blocked_linear_loss`); ``None`` accumulates it over token chunks instead.
     **options: the divergence's options (``beta``, ``alpha``, ``mu``, ``t``).
 
   Returns:
@@ -281,6 +298,15 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
         f"teacher vocab {teacher_head.shape[1]} != student vocab {ws.shape[1]}: the models must"
         " share a tokenizer for token-level distillation.")
   static, arrays = _split_options(core, options)
+  kind = divergence
+  if divergence == "generalized_jsd" and "beta" in static:
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(static["beta"]), kind)
+  if vocab_block is not None and kind in BLOCKED and not arrays:
+    loss, values = blocked_linear_loss(
+        kind, hs, ws, teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_head=teacher_head, weights=w, temperature=temperature,
+        beta=float(static.get("beta", 0.5)), chunk_size=chunk_size, vocab_block=vocab_block)
+    return loss, jnp.where(mask, values, 0.0).reshape(lead)
   fn = functools.partial(_divergence_fn, divergence, static, temperature)
   token_inputs = {"teacher_hidden": teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
                   "where": mask}
@@ -349,10 +375,14 @@ def _cross_entropy_fn(ignore_index, logits, tok, shared):
 def fused_linear_cross_entropy(hidden: Array, head: Array, labels: Array, *,
                                ignore_index: int = tokens.IGNORE_INDEX,
                                where: Array | None = None, weights: Array | None = None,
-                               chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+                               chunk_size: int = DEFAULT_CHUNK_SIZE,
+                               vocab_block: int | None = DEFAULT_VOCAB_BLOCK
+                               ) -> tuple[Array, Array]:
   """Cross-entropy against labels from hidden states and head, chunked over tokens.
 
   Default reduction: the mean over counted tokens (``labels != ignore_index`` and ``where``).
+  ``vocab_block``: the head's gradient by vocabulary blocks (as
+  :func:`fused_linear_divergence`); ``None``: accumulated over token chunks.
 
   Returns:
     ``(loss, per_token_ce)`` as :func:`fused_linear_divergence`.
@@ -366,8 +396,188 @@ def fused_linear_cross_entropy(hidden: Array, head: Array, labels: Array, *,
   mask = tokens.label_mask(labels, ignore_index=ignore_index, where=where)
   hs, ws, mask, w, lead = _flatten(hidden, head, mask, weights, "")
   _common.check_ids(labels, ws.shape[1], "labels", ignore_index=ignore_index)
+  if vocab_block is not None:  # The head's gradient by vocabulary blocks.
+    loss, values = blocked_linear_loss("cross_entropy", hs, ws, labels=labels.reshape(-1),
+                                       weights=w, chunk_size=chunk_size,
+                                       vocab_block=vocab_block)
+    return loss, jnp.where(mask, values, 0.0).reshape(lead)
   fn = functools.partial(_cross_entropy_fn, ignore_index)
   loss, values = chunked_linear_loss(
       fn, hs, ws, {"labels": labels.reshape(-1), "where": mask}, weights=w,
       chunk_size=chunk_size)
   return loss, values.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's gradient by vocabulary blocks (closed-form divergences and cross-entropy).
+#
+# The token sweep above forms the gradient of the output head chunk by chunk and must add the
+# chunks up in a float32 ``[H, V]`` accumulator (2 GiB at H = 4096, V = 128256): at the Llama-3
+# vocabulary that accumulator is most of what the fused form holds. For the divergences whose
+# gradient with respect to the student's logits is elementwise once a few per-token numbers are
+# known (forward and reverse KL, the generalized JSD: see ``divergences._closed_form_parts``) and
+# for cross-entropy, the backward pass can instead walk the vocabulary: pass 1 (the forward,
+# over token chunks) keeps per token the two log-normalisers and one statistic; pass 2 (the
+# backward, over blocks of ``vocab_block`` columns) recomputes both models' logits of the block
+# for all tokens, forms the block's logit gradient elementwise, and gets the block's head
+# gradient complete in one product (written once into the output, no accumulator) while the
+# hidden states' gradient accumulates in float32 ``[N, H]``. It costs one more pair of head
+# products than the token sweep.
+
+#: Forms with an elementwise logit gradient: the closed-form divergences and cross-entropy.
+BLOCKED = ("forward_kl", "reverse_kl", "generalized_jsd", "cross_entropy")
+
+
+def _token_stats(kind: str, beta: float, temperature: float, zs: Array, zt: Array | None,
+                 labels: Array | None):
+  """Per token of a ``[c, V]`` chunk: ``(value, lse_s, lse_t, stat)``, the value ``T^2 D`` (or
+  the cross-entropy), the log-normalisers of ``z / T`` and the statistic the gradient needs
+  (reverse KL: ``D``; generalized JSD: ``sum q log(q / m)``; otherwise 0)."""
+  t = temperature
+  lse_s = jax.nn.logsumexp(zs / t, axis=-1)
+  log_q = zs / t - lse_s[:, None]
+  zero = jnp.zeros_like(lse_s)
+  if kind == "cross_entropy":
+    picked = jnp.take_along_axis(log_q, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    return -picked, lse_s, zero, zero
+  lse_t = jax.nn.logsumexp(zt / t, axis=-1)
+  log_p = zt / t - lse_t[:, None]
+  q, p = jnp.exp(log_q), jnp.exp(log_p)
+  if kind == "forward_kl":
+    d = jnp.sum(p * divergences._xlogy_diff(p, log_p, log_q), axis=-1)
+    return d * t * t, lse_s, lse_t, zero
+  if kind == "reverse_kl":
+    d = jnp.sum(q * divergences._xlogy_diff(q, log_q, log_p), axis=-1)
+    return d * t * t, lse_s, lse_t, d
+  log_m = jnp.log(beta * p + (1.0 - beta) * q)
+  ds = jnp.sum(q * divergences._xlogy_diff(q, log_q, log_m), axis=-1)
+  dt = jnp.sum(p * divergences._xlogy_diff(p, log_p, log_m), axis=-1)
+  return (beta * dt + (1.0 - beta) * ds) * t * t, lse_s, lse_t, ds
+
+
+def _logit_grad(kind: str, beta: float, temperature: float, zs: Array, zt: Array | None,
+                stats, labels: Array | None, start) -> Array:
+  """``d value / d zs`` of a ``[N, block]`` block of logits starting at column ``start``."""
+  t = temperature
+  _, lse_s, lse_t, stat = stats
+  log_q = zs / t - lse_s[:, None]
+  q = jnp.exp(log_q)
+  if kind == "cross_entropy":
+    columns = start + jnp.arange(zs.shape[1])
+    return q - (columns[None, :] == labels[:, None]).astype(q.dtype)
+  log_p = zt / t - lse_t[:, None]
+  p = jnp.exp(log_p)
+  if kind == "forward_kl":
+    grad = q - p
+  elif kind == "reverse_kl":
+    grad = q * (divergences._xlogy_diff(q, log_q, log_p) - stat[:, None])
+  else:
+    log_m = jnp.log(beta * p + (1.0 - beta) * q)
+    grad = (1.0 - beta) * q * (divergences._xlogy_diff(q, log_q, log_m) - stat[:, None])
+  return grad * t
+
+
+def _pass_tokens(kind, beta, temperature, hs, ws, ht, wt, labels, chunk_size):
+  """Pass 1: the per-token ``(value, lse_s, lse_t, stat)`` over token chunks."""
+  n = hs.shape[0]
+  chunked, unchunked = _chunking(n, chunk_size)
+  teacher = ht is not None
+  xs = (chunked(hs), chunked(ht) if teacher else None,
+        chunked(labels) if labels is not None else None)
+
+  def body(_, chunk):
+    h, h_t, lab = chunk
+    zt = _matmul(h_t, wt) if teacher else None
+    return None, _token_stats(kind, beta, temperature, _matmul(h, ws), zt, lab)
+
+  _, stats = jax.lax.scan(body, None, xs)
+  return tuple(unchunked(x) for x in stats)
+
+
+def _pass_vocab(kind, beta, temperature, hs, ws, ht, wt, labels, stats, coef, vocab_block):
+  """Pass 2: ``(d loss / d hs, d loss / d ws)`` for per-token loss weights ``coef``."""
+  n, v = hs.shape[0], ws.shape[1]
+  block = min(vocab_block, v)
+  n_blocks = -(-v // block)
+  teacher = ht is not None
+
+  def product(a, b):  # float32 result; operands in the hidden states' dtype, as _matmul
+    return precision.dot(a, b, dtype=hs.dtype, out_dtype=jnp.float32)
+
+  def body(carry, b):
+    grad_h, grad_w = carry
+    start = jnp.minimum(b * block, v - block)  # The last block ends at v (it may overlap).
+    wsb = jax.lax.dynamic_slice_in_dim(ws, start, block, axis=1)
+    zt = _matmul(ht, jax.lax.dynamic_slice_in_dim(wt, start, block, axis=1)) if teacher else None
+    g = _logit_grad(kind, beta, temperature, _matmul(hs, wsb), zt, stats, labels, start)
+    g = jnp.where(coef[:, None] != 0, g * coef[:, None], 0.0)
+    fresh = (start + jnp.arange(block)) >= b * block  # Columns no earlier block had.
+    grad_h = grad_h + product(jnp.where(fresh[None, :], g, 0.0), wsb.T)
+    grad_w = jax.lax.dynamic_update_slice_in_dim(
+        grad_w, product(hs.T, g).astype(ws.dtype), start, axis=1)
+    return (partitioning.constrain(grad_h, ("batch", None)), grad_w), None
+
+  init = (partitioning.constrain(jnp.zeros((n, hs.shape[1]), jnp.float32), ("batch", None)),
+          jnp.zeros(ws.shape, ws.dtype))
+  (grad_h, grad_w), _ = jax.lax.scan(body, init, jnp.arange(n_blocks))
+  return grad_h.astype(hs.dtype), grad_w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _blocked(kind, beta, temperature, chunk_size, vocab_block, hs, ws, ht, wt, labels, weights):
+  values = _pass_tokens(kind, beta, temperature, hs, ws, ht, wt, labels, chunk_size)[0]
+  return jnp.sum(values * weights), values
+
+
+def _blocked_fwd(kind, beta, temperature, chunk_size, vocab_block, hs, ws, ht, wt, labels,
+                 weights):
+  stats = _pass_tokens(kind, beta, temperature, hs, ws, ht, wt, labels, chunk_size)
+  values = stats[0]
+  return (jnp.sum(values * weights), values), (hs, ws, ht, wt, labels, weights, stats)
+
+
+def _blocked_bwd(kind, beta, temperature, chunk_size, vocab_block, residuals, cotangents):
+  del chunk_size
+  hs, ws, ht, wt, labels, weights, stats = residuals
+  g_loss, _ = cotangents  # The per-token values are returned detached.
+  grad_h, grad_w = _pass_vocab(kind, beta, temperature, hs, ws, ht, wt, labels, stats,
+                               g_loss * weights, vocab_block)
+  return grad_h, grad_w, None, None, None, g_loss * stats[0]
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_linear_loss(kind: str, hidden: Array, head: Array, *, teacher_hidden: Array | None
+                        = None, teacher_head: Array | None = None, labels: Array | None = None,
+                        weights: Array, temperature: float = 1.0, beta: float = 0.5,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        vocab_block: int = DEFAULT_VOCAB_BLOCK) -> tuple[Array, Array]:
+  """``sum_i weights_i * loss_i`` from ``[N, H]`` hidden states and a ``[H, V]`` head, the
+  head's gradient formed by vocabulary blocks (see the comment above).
+
+  Args:
+    kind: one of :data:`BLOCKED`.
+    hidden, head: the student's hidden states and head (differentiable).
+    teacher_hidden, teacher_head: the teacher's (constants; not for ``cross_entropy``).
+    labels: ``[N]`` target ids (``cross_entropy``; rows with weight 0 may hold anything).
+    weights: ``[N]`` per-token weights (differentiable).
+    temperature, beta: as the divergence's.
+    chunk_size: tokens per chunk of the forward pass; vocab_block: columns per block of the
+      backward pass.
+
+  Returns:
+    ``(loss, values)``: the weighted sum and the detached per-token values ``[N]``.
+  """
+  if kind not in BLOCKED:
+    raise ValueError(f"blocked_linear_loss() takes {BLOCKED}, not {kind!r}.")
+  if not isinstance(vocab_block, int) or vocab_block <= 0:
+    raise ValueError(f"vocab_block must be a positive int (got {vocab_block!r}).")
+  hidden, head, _, _, chunk_size = _prepare(hidden, head, None, None, chunk_size)
+  stop = jax.lax.stop_gradient
+  ht = None if teacher_hidden is None else stop(jnp.asarray(teacher_hidden))
+  wt = None if teacher_head is None else stop(jnp.asarray(teacher_head))
+  labels = None if labels is None else stop(jnp.asarray(labels, jnp.int32))
+  loss, values = _blocked(kind, float(beta), float(temperature), chunk_size, vocab_block,
+                          hidden, head, ht, wt, labels, jnp.asarray(weights, jnp.float32))
+  return loss, stop(values)
