@@ -2,6 +2,7 @@
 
     python bench/losses.py                 # SmolLM2 shape timing + memory at both shapes
     python bench/losses.py --quick         # small shapes, for a smoke run
+    python bench/losses.py --tpu v5e       # Llama-3 bf16 memory from libtpu's TPU compiler
 
 Memory is ``jax.jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes``: exact, and
 independent of what else runs on the machine. Times are medians of interleaved repeats of the two
@@ -41,12 +42,33 @@ def _shapes(n, h, v, dtype):
   return s((n, h), dtype), s((h, v), dtype), s((n, h), dtype), s((h, v), dtype)
 
 
-def memory(n, h, v, dtype, divergence, chunk_size):
+def memory(n, h, v, dtype, divergence, chunk_size, device=None):
+  """Compiled temporaries of each form; ``device``: compile for it (e.g. a TPU chip of
+  ``jax.experimental.topologies``) instead of this machine's default device."""
   out = {}
+  place = (lambda s: s) if device is None else (lambda s: jax.ShapeDtypeStruct(
+      s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)))
   for name, fn in _fns(divergence, chunk_size).items():
-    m = fn.lower(*_shapes(n, h, v, dtype)).compile().memory_analysis()
+    shapes = [place(s) for s in _shapes(n, h, v, dtype)]
+    m = fn.lower(*shapes).compile().memory_analysis()
     out[name] = m.temp_size_in_bytes
   return out
+
+
+def tpu_memory(chip: str, divergence: str, chunk_sizes) -> list[dict]:
+  """The Llama-3 bfloat16 shape's temporaries compiled by libtpu's compiler for one ``chip``
+  (``v5e``, ``v6e``, ...), per chunk size: no TPU needed, ``pip install "jax[tpu]"``."""
+  from jax.experimental import topologies  # noqa: PLC0415
+  device = topologies.get_topology_desc(
+      platform="tpu", topology_name=f"{chip}:1x1", chip_config_name="default",
+      chips_per_host_bounds=(1, 1, 1), num_slices=1).devices[0]
+  rows = []
+  for chunk in chunk_sizes:
+    mem = memory(8192, 4096, 128256, jnp.bfloat16, divergence, chunk, device=device)
+    rows.append({"chip": chip, "chunk_size": chunk, "fused_temp_bytes": mem["fused"],
+                 "unfused_temp_bytes": mem["unfused"],
+                 "memory_ratio": mem["fused"] / mem["unfused"]})
+  return rows
 
 
 def timing(n, h, v, dtype, divergence, chunk_size, repeats):
@@ -78,7 +100,21 @@ def main():
   parser.add_argument("--chunk_size", type=int, default=losses.DEFAULT_CHUNK_SIZE)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", help="also write the results to this file")
+  parser.add_argument("--tpu", help="only the Llama-3 bf16 memory, compiled for this TPU chip"
+                      " (v5e, v6e, ...) by libtpu's compiler, at chunk sizes 256-2048")
   args = parser.parse_args()
+  if args.tpu:
+    rows = tpu_memory(args.tpu, args.divergence, (256, 512, 1024, 2048))
+    print(f"# jkd.losses fused vs unfused on one {args.tpu} chip (libtpu's compiler):"
+          f" {args.divergence}, loss + grad, N, H, V = 8192, 4096, 128256, bfloat16\n")
+    print("| chunk_size | fused temp | unfused temp | fused/unfused memory |\n|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['chunk_size']} | {r['fused_temp_bytes'] / 2**30:.2f} GiB |"
+            f" {r['unfused_temp_bytes'] / 2**30:.2f} GiB | {100 * r['memory_ratio']:.1f}% |")
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    return
 
   if args.quick:
     smol, llama = (1024, 64, 4096), (1024, 128, 8192)

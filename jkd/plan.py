@@ -21,14 +21,17 @@ devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``; memory against
 Exit status: 0 when the step fits, 7 when it does not (the message names what to change), and
 the codes of :mod:`jkd.errors` for bad input (2).
 
-Scope today: token-level batches (``tokens``/``labels``: the distillation recipes with an
-online teacher); the other batch kinds and the sampler's decode step are not planned yet.
+Batches: token batches (an online teacher), token batches with an offline teacher's top-k
+(``teacher.online=False``; ``--topk``), or preference pairs (an objective with a preference
+term). On-policy recipes (``onpolicy.mode``) also get the sampler's program compiled and
+reported (prefill and decode loop with its KV cache); the run fits when both do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -130,28 +133,103 @@ def _bytes_per_device(tree) -> int:
   return total
 
 
-def plan(config, topology: str, *, hbm_gib: float | None = None) -> dict[str, Any]:
+def batch_shapes(run, batch_size: int, seq_len: int, *, topk: int = 64
+                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], str]:
+  """``(global batch shapes, their dtypes (int32 unless named), the batch kind)`` of a run's
+  step: ``pairs`` (chosen/rejected, when a preference term is in the objective), ``cache`` (an
+  offline teacher's top-``topk`` ids and log-probs, ``teacher.online=False``) or ``tokens``."""
+  import numpy as np  # noqa: PLC0415
+
+  from jkd.train import preference_step  # noqa: PLC0415
+
+  rows = (batch_size, seq_len)
+  names, _ = preference_step._needed_inputs(run.objective)  # pylint: disable=protected-access
+  if names & {"policy_chosen", "policy"}:
+    return ({f"{side}_{field}": rows for side in ("chosen", "rejected")
+             for field in ("tokens", "labels")}, {}, "pairs")
+  shapes = {"tokens": rows, "labels": rows}
+  if run.online:
+    return shapes, {}, "tokens"
+  shapes.update(teacher_topk_ids=rows + (topk,), teacher_topk_logprobs=rows + (topk,),
+                teacher_tail_logprob=rows)
+  f32 = np.float32
+  return shapes, {"teacher_topk_logprobs": f32, "teacher_tail_logprob": f32}, "cache"
+
+
+def plan_sampler(run, config) -> dict[str, Any] | None:
+  """The on-policy sampler's program (prefill + decode loop, KV cache) compiled for the run's
+  devices, as the on-policy source calls it: the batch's rows, prompts of ``data.seq_len``
+  tokens (its bucket), ``onpolicy.max_new_tokens`` new ones, the student's parameters in their
+  training shardings and the prompts replicated. None without ``onpolicy.mode``.
+
+  Returns:
+    ``{"rows", "prompt_len", "cache_len", "arguments", "temporaries", "total"}`` (bytes per
+    chip), or the compiler's out-of-memory figure as ``temporaries`` with ``"out_of_memory"``.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+  from jkd.sampling import sampler  # noqa: PLC0415
+
+  onpolicy = config.get("onpolicy")
+  if onpolicy is None or not onpolicy.mode:
+    return None
+  seq_len, rows = int(config.data.seq_len), int(config.data.batch_size)
+  max_new = min(int(onpolicy.max_new_tokens), seq_len)
+  prompt_len, cache_len = sampler._lengths(  # pylint: disable=protected-access
+      seq_len, max_new, run.student_config, seq_len, None)
+  batch = sampler.batch_bucket(rows)
+  fn = sampler._program(  # pylint: disable=protected-access
+      run.student_config, batch, prompt_len, cache_len, max_new, False, greedy=False, top_k=0,
+      top_p=float(onpolicy.top_p), min_p=0.0)
+  rep = NamedSharding(run.mesh, PartitionSpec())
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  args = (run.abstract_state.params, sds((batch, prompt_len), jnp.int32),
+          sds((batch, prompt_len), jnp.bool_), sds((batch,), jnp.bool_), sds((8,), jnp.int32),
+          sds(key.shape, key.dtype), sds((), jnp.float32), sds((), jnp.float32),
+          sds((), jnp.float32), sds((), jnp.int32))
+  out = {"rows": batch, "prompt_len": prompt_len, "cache_len": cache_len}
+  try:
+    memory = fn.lower(*args).compile().memory_analysis()
+  except Exception as e:  # noqa: BLE001 (only the compiler's out-of-memory is an answer)
+    needed = _out_of_memory(str(e))
+    if needed is None:
+      raise
+    arguments = _bytes_per_device(args)
+    return {**out, "arguments": arguments, "temporaries": needed,
+            "total": arguments + needed, "out_of_memory": True}
+  arguments, temps = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
+  outputs = int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes)
+  return {**out, "arguments": arguments, "temporaries": temps,
+          "total": arguments + temps + max(outputs, 0)}
+
+
+def plan(config, topology: str, *, hbm_gib: float | None = None, topk: int = 64
+         ) -> dict[str, Any]:
   """Compiles ``config``'s training step for ``topology``; returns the report as a dict.
 
+  ``topk``: the ``k`` of an offline teacher cache (``teacher.online=False``).
+
   Raises:
-    ValueError: a bad topology, config or batch kind.
+    ValueError: a bad topology or config.
   """
   from jkd.train import setup as setup_lib  # noqa: PLC0415
   from jkd.train.step import batch_work  # noqa: PLC0415
 
   devices, chip = topology_devices(topology)
   run = setup_lib.setup(config, devices=devices)
-  unsupported = ("jkd.plan plans token-level batches (tokens, labels) with an online teacher"
-                 " for now; {} needs another batch kind.")
-  if not run.online:
-    raise ValueError(unsupported.format("teacher.online=False"))
   b, t = int(config.data.batch_size), int(config.data.seq_len)
-  shapes = {"tokens": (b, t), "labels": (b, t)}
+  shapes, dtypes, kind = batch_shapes(run, b, t, topk=topk)
+  lowered = run.lower(shapes, dtypes)
   try:
-    lowered = run.lower(shapes)
-  except (KeyError, ValueError, TypeError) as e:  # A preference objective reads pairs.
-    raise ValueError(unsupported.format(f"this objective ({type(e).__name__}: {e})")) from e
-  compiled = lowered.compile()
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 (only the compiler's out-of-memory is a plan's answer)
+    needed = _out_of_memory(str(e))
+    if needed is None:
+      raise
+    return _oom_report(run, topology, devices, chip, hbm_gib, (b, t), kind, needed)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -172,18 +250,52 @@ def plan(config, topology: str, *, hbm_gib: float | None = None) -> dict[str, An
                               run.objective)
   report = {
       "topology": topology, "devices": n, "mesh": dict(run.mesh.shape),
-      "batch": f"{b} x {t}", "per_chip_bytes": {
+      "batch": f"{b} x {t}", "batch_kind": kind, "per_chip_bytes": {
           "student_params": student, "optimizer_state": optimizer, "teacher_params": teacher,
           "arguments": args, "temporaries": temps, "outputs_not_aliased": max(outputs, 0),
           "total": total},
       "hbm_bytes": hbm, "fits": bool(hbm == 0 or total <= hbm),
       "flops_per_chip": flops, "bytes_per_chip": moved, "model_flops": model_flops}
+  sampler_report = plan_sampler(run, config)
+  if sampler_report is not None:
+    report["sampler"] = sampler_report
+    report["fits"] = bool(report["fits"] and (hbm == 0 or sampler_report["total"] <= hbm))
   if chip is not None:
     peak, bandwidth = chip.bf16_tflops * 1e12, chip.hbm_gbps * 1e9
-    bound = max(flops / peak, moved / bandwidth)
-    report.update(step_time_bound_s=bound,
+    # The compiler counts a loop's body once (the scan over layers, the fused loss's chunks),
+    # so its FLOPs can fall short of the model's: the compute bound takes the larger.
+    compute, memory_time = max(flops, model_flops / n) / peak, moved / bandwidth
+    bound = max(compute, memory_time)
+    report.update(step_time_bound_s=bound, compute_time_s=compute, memory_time_s=memory_time,
                   mfu_bound=model_flops / (n * peak * bound) if bound > 0 else 0.0)
   return report
+
+
+def _out_of_memory(message: str) -> int | None:
+  """The temporaries' bytes of a TPU compiler's out-of-memory error (None: another error)."""
+  m = re.search(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\)", message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+def _oom_report(run, topology, devices, chip, hbm_gib, batch, kind, temps) -> dict[str, Any]:
+  """The report of a step the compiler refused for memory: temporaries from its message, the
+  arguments counted from the shardings (the compiler gives no memory analysis then)."""
+  state = run.abstract_state
+  student = _bytes_per_device(state.params)
+  optimizer = _bytes_per_device(state.opt_state) + _bytes_per_device(
+      (state.term_params, state.term_opt_state))
+  teacher = _bytes_per_device(run.abstract_teacher()) if run.online else 0
+  args = student + optimizer + teacher
+  hbm = (chip.hbm_gib if chip else (hbm_gib or 0.0)) * 2**30
+  return {"topology": topology, "devices": len(devices), "mesh": dict(run.mesh.shape),
+          "batch": f"{batch[0]} x {batch[1]}", "batch_kind": kind, "per_chip_bytes": {
+              "student_params": student, "optimizer_state": optimizer,
+              "teacher_params": teacher, "arguments": args, "temporaries": temps,
+              "outputs_not_aliased": 0, "total": args + temps},
+          "hbm_bytes": hbm, "fits": False, "compiler_out_of_memory": True,
+          "flops_per_chip": 0.0, "bytes_per_chip": 0.0, "model_flops": 0.0}
 
 
 def _gib(n: float) -> str:
@@ -197,19 +309,33 @@ def _gib(n: float) -> str:
 def format_report(r: Mapping[str, Any]) -> str:
   """The report as the lines ``python -m jkd.plan`` prints."""
   m, hbm = r["per_chip_bytes"], r["hbm_bytes"]
+  kinds = {"tokens": "token batches", "cache": "token batches with an offline teacher's top-k",
+           "pairs": "preference pairs"}
   lines = [f"plan: {r['topology']} ({r['devices']} devices, mesh {r['mesh']}), global batch"
-           f" {r['batch']} tokens", "per chip:"]
+           f" {r['batch']} tokens ({kinds[r['batch_kind']]})", "per chip:"]
   for key in ("student_params", "optimizer_state", "teacher_params", "arguments",
               "temporaries", "outputs_not_aliased", "total"):
     lines.append(f"  {key.replace('_', ' '):<22} {_gib(m[key])}")
   if hbm:
     lines.append(f"  {'HBM':<22} {_gib(hbm)} ({'fits' if r['fits'] else 'does not fit'},"
                  f" margin {_gib(hbm - m['total'])})")
+  if r.get("compiler_out_of_memory"):
+    lines.append("  (the compiler stopped at out of memory: temporaries are its figure, the"
+                 " arguments the state's shards)")
+    return "\n".join(lines)
   lines.append(f"  {'FLOPs per step':<22} {r['flops_per_chip']:.3g}; bytes accessed"
                f" {r['bytes_per_chip']:.3g}")
+  if "sampler" in r:
+    smp = r["sampler"]
+    lines.append(f"  {'sampler (on-policy)':<22} {_gib(smp['total'])} = arguments"
+                 f" {_gib(smp['arguments'])} + temporaries {_gib(smp['temporaries'])}"
+                 f"{' (compiler: out of memory)' if smp.get('out_of_memory') else ''};"
+                 f" {smp['rows']} rows, {smp['prompt_len']}-token prompts, KV cache"
+                 f" {smp['cache_len']}")
   if "step_time_bound_s" in r:
     lines.append(f"  {'roofline step time':<22} >= {r['step_time_bound_s'] * 1e3:.2f} ms"
-                 f" (MFU <= {100 * r['mfu_bound']:.1f}%)")
+                 f" (compute {r['compute_time_s'] * 1e3:.2f} ms, HBM"
+                 f" {r['memory_time_s'] * 1e3:.2f} ms; MFU <= {100 * r['mfu_bound']:.1f}%)")
   return "\n".join(lines)
 
 
@@ -233,7 +359,11 @@ def main(argv) -> int:
 
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  report = plan(_CONFIG.value, flags.FLAGS.topology, hbm_gib=flags.FLAGS.hbm_gib)
+  report = plan(_CONFIG.value, flags.FLAGS.topology, hbm_gib=flags.FLAGS.hbm_gib,
+                topk=flags.FLAGS.topk)
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
   print(format_report(report), flush=True)
   if not report["fits"]:
     print(f"error: the step needs {_gib(report['per_chip_bytes']['total'])} per chip but"
@@ -253,6 +383,8 @@ if __name__ == "__main__":
                                             lock_config=True)
   flags.DEFINE_string("topology", None, "v5e-16, v6e-8, v4-8, v5p-64, v5e:4x4 or cpu:N")
   flags.DEFINE_float("hbm_gib", None, "memory per device for cpu:N topologies (GiB)")
+  flags.DEFINE_integer("topk", 64, "k of an offline teacher cache (teacher.online=False)")
+  flags.DEFINE_string("json", None, "also write the report to this JSON file")
   flags.mark_flags_as_required(["config", "topology"])
 
   def _main(argv):

@@ -3,6 +3,10 @@
 #
 #   launch/tpu_vm.sh [options] CONFIG WORKDIR [--config.key=value ...]
 #
+# 0. Plan the run here first: `python -m jkd.plan` compiles its training step for the
+#    accelerator's topology with libtpu's compiler (no TPU needed; `pip install 'jax[tpu]'`
+#    where this runs) and the launch stops, exit 7, when the step does not fit the chips'
+#    memory. --no-plan skips it.
 # 1. `gcloud compute tpus tpu-vm describe` the TPU; create it when it does not exist (start it
 #    when STOPPED).
 # 2. Put jkd on every worker: this checkout's files (tracked and untracked, not ignored) copied
@@ -11,9 +15,9 @@
 # 3. `tpu-vm ssh --worker=all` runs `python -m jkd.train` on all workers at once, each one
 #    process of one jax.distributed run (see --distributed).
 #
-# WORKDIR is a path on the workers. Checkpoints are written by every worker (each its shards),
-# so on a pod slice it must be a filesystem all workers share (e.g. a GCS bucket mounted with
-# gcsfuse, or a Filestore/NFS mount).
+# WORKDIR is a gs://bucket/run URL or a path on the workers. Checkpoints are written by every
+# worker (each its shards), so on a pod slice it must be storage all workers share: a gs://
+# URL, or a Filestore/NFS mount or a bucket mounted with gcsfuse.
 set -euo pipefail
 
 usage() {
@@ -37,6 +41,8 @@ options (environment variable; default):
   --skip-setup         do not copy/install jkd (already on the workers)
   --detach             run under nohup (log: ~/DIR.log on each worker) and return
   --dry-run            print the gcloud commands instead of running them
+  --no-plan            JKD_PLAN=0; start without planning the run first (python -m jkd.plan)
+  --plan-python PY     JKD_PLAN_PYTHON; python3 (a Python here with jkd and libtpu)
 example: launch/tpu_vm.sh --accelerator v4-32 configs/kd_tiny.py /mnt/shared/kd_tiny
 EOF
   exit 2
@@ -56,6 +62,9 @@ mode=${JKD_DISTRIBUTED_MODE:-env}
 setup=1
 detach=
 dry_run=
+plan=${JKD_PLAN:-1}
+[[ $plan == 0 ]] && plan=
+plan_python=${JKD_PLAN_PYTHON:-python3}
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || usage "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -74,6 +83,8 @@ while [[ $# -gt 0 ]]; do
     --skip-setup) setup=; shift ;;
     --detach) detach=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --no-plan) plan=; shift ;;
+    --plan-python) need_value "$@"; plan_python=$2; shift 2 ;;
     -h | --help) usage ;;
     --) shift; break ;;
     -*) usage "unknown option $1 (options come before CONFIG WORKDIR)" ;;
@@ -114,6 +125,39 @@ run() {
     "$@"
   fi
 }
+
+# 0. The plan: the step compiled for this accelerator's topology, here, before anything starts.
+if [[ -n $plan ]]; then
+  case $accelerator in
+    v5litepod-*) topology=v5e-${accelerator#v5litepod-} ;;
+    v4-* | v5e-* | v5p-* | v6e-*) topology=$accelerator ;;
+    *) usage "cannot plan for --accelerator $accelerator (jkd.plan knows v4, v5e/v5litepod," \
+             "v5p, v6e slices); pass --no-plan to start without a plan" ;;
+  esac
+  [[ -f $root/${config%%:*} ]] ||
+    usage "cannot plan: config '${config%%:*}' is not a file of $root; pass --no-plan"
+  overrides=()
+  for arg in "$@"; do [[ $arg == --config.* ]] && overrides+=("$arg"); done
+  plan_cmd=("$plan_python" -m jkd.plan --config "$config" --topology "$topology"
+            "${overrides[@]}")
+  if [[ -n $dry_run ]]; then
+    echo "# the plan, run here first (the launch stops when it says the step does not fit):"
+    run "${plan_cmd[@]}"
+  else
+    echo "+ $(quote_all "${plan_cmd[@]}")" >&2
+    status=0
+    (cd "$root" && "${plan_cmd[@]}") || status=$?
+    if [[ $status == 7 ]]; then
+      echo "tpu_vm.sh: the plan above says $config does not fit a $accelerator; change the" \
+           "config (or --accelerator), or pass --no-plan to start anyway." >&2
+      exit 7
+    elif [[ $status != 0 ]]; then
+      echo "tpu_vm.sh: the plan failed (exit $status, above): it needs jkd and libtpu here" \
+           "(pip install -e . 'jax[tpu]', or --plan-python PY); pass --no-plan to skip it." >&2
+      exit "$status"
+    fi
+  fi
+fi
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")

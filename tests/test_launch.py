@@ -216,7 +216,13 @@ def gcloud_stub(tmp_path):
           " sys.exit(1 if 'describe' in a and not s else 0)")
   script(bindir / "gcloud", f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
          f'{shlex.quote(code)} "$@"\n')
-  env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls))
+  # The plan's Python: records its arguments as ["plan", ...] and exits with $PLAN_EXIT.
+  plan = ("import json, os, sys; open(os.environ['CALLS'], 'a').write(json.dumps(['plan'] +"
+          " sys.argv[1:]) + '\\n'); sys.exit(int(os.environ.get('PLAN_EXIT', '0')))")
+  script(bindir / "plan_python", f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+         f'{shlex.quote(plan)} "$@"\n')
+  env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls),
+             JKD_PLAN_PYTHON=str(bindir / "plan_python"))
   for k in ("TPU_NAME", "TPU_ZONE", "TPU_ACCELERATOR", "TPU_RUNTIME_VERSION", "TPU_PROJECT",
             "TPU_SPOT", "JKD_REPO", "JKD_REF", "JKD_REMOTE_DIR", "JKD_DISTRIBUTED_MODE"):
     env.pop(k, None)
@@ -245,6 +251,9 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands(gcloud_stub):
   lines = [shlex.split(line) for line in proc.stdout.splitlines() if not line.startswith("#")]
   where = ["--zone=europe-west4-a", "--project=proj"]
   tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
+  plan = lines.pop(0)  # The plan first, for the accelerator's topology, with the overrides.
+  assert plan[1:] == ["-m", "jkd.plan", "--config", CONFIG, "--topology", "v4-32",
+                      "--config.train.steps=10"]
   assert lines[0] == [*tpu, "describe", "pod", *where, "--format=value(state)"]
   assert lines[1] == [*tpu, "create", "pod", *where, "--accelerator-type=v4-32",
                       "--version=tpu-ubuntu2204-base", "--spot"]
@@ -264,6 +273,7 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands(gcloud_stub):
                 "--distributed", "auto", "--detach", CONFIG, "/w", env=env)
   assert proc.returncode == 0, proc.stderr
   lines = [shlex.split(line) for line in proc.stdout.splitlines() if not line.startswith("#")]
+  assert lines.pop(0)[-2:] == ["--topology", "v4-8"]
   assert lines[1][4:] == ["create", "jkd-tpu", "--zone=us-central2-b", "--accelerator-type=v4-8",
                           "--version=tpu-ubuntu2204-base"]
   assert [line[4] for line in lines] == ["describe", "create", "ssh", "ssh"]  # no scp
@@ -280,11 +290,12 @@ def test_tpu_vm_runs_gcloud(gcloud_stub, tmp_path):
   env, calls = gcloud_stub
   proc = tpu_vm("--skip-setup", CONFIG, "/w", env=dict(env, TPU_STATE="READY"))
   assert proc.returncode == 0, proc.stderr
-  assert [c[3] for c in calls()] == ["describe", "ssh"]  # reused
+  assert calls()[0][:3] == ["plan", "-m", "jkd.plan"]  # Planned first.
+  assert [c[3] for c in calls()[1:]] == ["describe", "ssh"]  # reused
   (tmp_path / "calls.jsonl").unlink()
   proc = tpu_vm(CONFIG, "/w", env=env)  # no TPU yet: created, then the code copied
   assert proc.returncode == 0, proc.stderr
-  got = calls()
+  got = calls()[1:]
   assert [c[3] for c in got] == ["describe", "create", "scp", "ssh", "ssh"]
   assert not pathlib.Path(got[2][4]).exists()  # the archive is removed afterwards
   with tarfile.open(tmp_path / "calls.jsonl.tar.gz") as tar:  # what the workers got
@@ -296,7 +307,27 @@ def test_tpu_vm_runs_gcloud(gcloud_stub, tmp_path):
   assert proc.returncode == 1
   assert "jkd-tpu is PREEMPTED; delete it" in proc.stderr
   assert "gcloud compute tpus tpu-vm delete jkd-tpu --zone=us-central2-b" in proc.stderr
-  assert [c[3] for c in calls()] == ["describe"]
+  assert [c[3] for c in calls()[1:]] == ["describe"]
+
+
+def test_tpu_vm_refuses_a_run_the_plan_says_does_not_fit(gcloud_stub, tmp_path):
+  env, calls = gcloud_stub
+  proc = tpu_vm("--accelerator", "v5litepod-16", CONFIG, "/w", "--config.data.batch_size=64",
+                env=dict(env, PLAN_EXIT="7"))
+  assert proc.returncode == 7
+  assert "does not fit a v5litepod-16" in proc.stderr and "--no-plan" in proc.stderr
+  (plan,) = calls()  # Nothing else ran: no TPU was created.
+  assert plan[-3:] == ["--topology", "v5e-16", "--config.data.batch_size=64"]
+  (tmp_path / "calls.jsonl").unlink()
+  proc = tpu_vm("--no-plan", "--skip-setup", CONFIG, "/w",
+                env=dict(env, PLAN_EXIT="7", TPU_STATE="READY"))
+  assert proc.returncode == 0, proc.stderr
+  assert [c[0] for c in calls()] == ["compute", "compute"]  # Overridden: gcloud only.
+  (tmp_path / "calls.jsonl").unlink()
+  proc = tpu_vm(CONFIG, "/w", env=dict(env, PLAN_EXIT="2"))
+  assert proc.returncode == 2 and "the plan failed (exit 2" in proc.stderr
+  proc = tpu_vm("--accelerator", "v3-8", CONFIG, "/w", env=env)
+  assert proc.returncode == 2 and "cannot plan for --accelerator v3-8" in proc.stderr
 
 
 def test_tpu_vm_worker_command_sets_the_distributed_environment(gcloud_stub, tmp_path):

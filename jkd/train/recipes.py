@@ -197,3 +197,80 @@ def apply_overrides(c, overrides: dict[str, Any]):
       node = node[p]
     node[leaf] = value
   return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod-scale recipes: real model shapes, planned for TPU slices (``python -m jkd.plan``).
+
+#: Published shapes (the models' Hugging Face ``config.json``) of the pod recipes' models, as
+#: ``teacher.model`` fields. Students are ``student.model`` overrides of their teacher's shape.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(
+        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5, tie_embeddings=False,
+        max_position_embeddings=131072),
+    "llama-3.1-70b": dict(
+        architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5, tie_embeddings=False,
+        max_position_embeddings=131072),
+    "llama-3.2-1b": dict(
+        architecture="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        rope_scaling=(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5, tie_embeddings=True,
+        max_position_embeddings=131072),
+    "qwen3-8b": dict(
+        architecture="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=False, qk_norm=True, max_position_embeddings=40960),
+    "qwen3-1.7b": dict(
+        architecture="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True, max_position_embeddings=40960),
+    "qwen3-0.6b": dict(
+        architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True, max_position_embeddings=40960),
+}
+
+
+def pod_config(c, *, teacher: str, student: str, mesh: tuple[int, int, int],
+               batch_size: int, seq_len: int):
+  """Makes ``c`` a pod-scale run, in place: a ``random`` teacher of shape ``SHAPES[teacher]``
+  in bfloat16 (a plan reads shapes only; the real run sets ``teacher.source=hf:DIR``), a
+  ``random`` student of shape ``SHAPES[student]`` (float32 master weights, bfloat16 compute,
+  rematerialised, scanned layers), ``mesh`` and a global batch of ``batch_size x seq_len``.
+  The teacher's tokenizer is its own (``teacher.tokenizer=""``), for the real run's data.
+
+  >>> from jkd.train import default_config
+  >>> c = pod_config(default_config(), teacher="llama-3.1-8b", student="llama-3.2-1b",
+  ...                mesh=(1, 16, 1), batch_size=16, seq_len=2048)
+  >>> c.student.model.hidden_size, c.teacher.param_dtype, tuple(c.mesh.shape)
+  (2048, 'bfloat16', (1, 16, 1))
+  """
+  c.teacher.source = "random"
+  c.teacher.path = ""
+  c.teacher.model.update(SHAPES[teacher])
+  c.teacher.update(dict(dtype="bfloat16", param_dtype="bfloat16", tokenizer=""))
+  c.student.source = "random"
+  c.student.model.update({k: v for k, v in SHAPES[student].items() if k != "architecture"})
+  c.student.update(dict(dtype="bfloat16", remat=True, unroll_layers=False))
+  c.data.update(dict(seq_len=seq_len, batch_size=batch_size))
+  c.mesh.shape = tuple(mesh)
+  return c
+
+
+def pod_cpu_variant(c, **kwargs):
+  """The CPU variant of a pod recipe, in place: :func:`cpu_variant` with the student back to
+  every 2nd layer of the CPU teacher (its pod shape overrides cleared), float32, one device."""
+  cpu_variant(c, **kwargs)
+  c.student.source = "layers"
+  c.student.every = 2
+  for key in list(c.student.model.keys()):
+    c.student.model[key] = None
+  c.teacher.tokenizer = "char"
+  c.teacher.update(dict(dtype="float32", param_dtype="float32"))
+  c.student.update(dict(dtype="float32", remat=False, unroll_layers=True))
+  c.mesh.shape = (-1, 1, 1)
+  return c
