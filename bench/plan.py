@@ -2,6 +2,7 @@
 
     python bench/plan.py                     # every row below, ~10-20 min on 2 cores
     python bench/plan.py --rows 8b_1b,8b_1b_fused --out /tmp/plan.md
+    python bench/plan.py --rows qwen3_8b_1.7b_gkd --update   # redo rows, keep the others
 
 Needs libtpu (``pip install "jax[tpu]==<jax version>"``); no TPU. Each row is
 ``jkd.plan.plan(config, topology)``: the engine's train step lowered from shapes and compiled by
@@ -89,7 +90,8 @@ def run_row(name: str) -> dict:
 def table(reports: list[dict]) -> str:
   gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
   lines = ["| row | config | topology, mesh | batch | args GiB | temps GiB | total GiB | fits |"
-           " roofline step: compute, HBM |", "|---|---|---|---|---|---|---|---|---|"]
+           " roofline step: compute, HBM | on-policy sampler GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     m = r["per_chip_bytes"]
     mesh = "(" + ", ".join(str(v) for v in r["mesh"].values()) + ")"
@@ -98,10 +100,14 @@ def table(reports: list[dict]) -> str:
     bound = (f"{r['compute_time_s'] * 1e3:.0f} ms, {r['memory_time_s'] * 1e3:.0f} ms"
              if "compute_time_s" in r else "-")
     oom = " (compiler: out of memory)" if r.get("compiler_out_of_memory") else ""
+    smp = r.get("sampler")
+    sampler = "-" if smp is None else (
+        f"{gib(smp['arguments'])} + {gib(smp['temporaries'])} = {gib(smp['total'])}"
+        f" ({smp['rows']} rows, cache {smp['cache_len']})")
     lines.append(f"| {r['row']} | {r['config']}{' (' + extra + ')' if extra else ''} |"
                  f" {r['topology']} {mesh} | {r['batch']} | {gib(m['arguments'])} |"
                  f" {gib(m['temporaries'])}{oom} | {gib(m['total'])} |"
-                 f" {'yes' if r['fits'] else 'no'} | {bound} |")
+                 f" {'yes' if r['fits'] else 'no'} | {bound} | {sampler} |")
   return "\n".join(lines)
 
 
@@ -109,13 +115,21 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "plan.md"))
+  parser.add_argument("--update", action="store_true",
+                      help="replace these rows in the existing results, keep the others")
   args = parser.parse_args()
   reports = []
+  if args.update:
+    with open(os.path.splitext(args.out)[0] + ".json", encoding="utf-8") as f:
+      kept = {r["row"]: r for r in json.load(f)}
   for name in args.rows.split(","):
     report = run_row(name)
     reports.append(report)
     print(f"{name}: total {report['per_chip_bytes']['total'] / 2**30:.2f} GiB,"
           f" fits={report['fits']}, {report['compile_s']:.0f} s", flush=True)
+  if args.update:
+    fresh = {r["row"]: r for r in reports}
+    reports = [fresh.pop(r, kept[r]) for r in kept] + list(fresh.values())
   import importlib.metadata as md  # noqa: PLC0415
   header = (f"# Pod recipes planned with the TPU compiler\n\n`python bench/plan.py`: jax"
             f" {jax.__version__}, libtpu {md.version('libtpu')}, compiled on a 2-core x86_64 CPU"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -347,11 +348,19 @@ def save_hf(directory: str, params: PyTree, config: ModelConfig, *, tokenizer=No
   """Writes a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
   Args:
-    directory: output directory (created).
+    directory: output directory (created), or a ``gs://`` URL: the files are written to a
+      temporary directory and uploaded (``etils.epath`` and ``gcsfs``, of the train extra).
     params, config: the model.
     tokenizer: optional ``transformers`` tokenizer, saved alongside (with its chat template).
     max_shard_bytes: split the weights into several safetensors files with an index.
   """
+  if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(directory)):
+    import tempfile  # noqa: PLC0415
+    from jkd.train import storage  # noqa: PLC0415 (needs the train extra's gcsfs)
+    with tempfile.TemporaryDirectory() as local:
+      save_hf(local, params, config, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+      storage.upload(local, str(directory))
+    return
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
   state = params_to_state_dict(params, config)

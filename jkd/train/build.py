@@ -24,6 +24,7 @@ from jkd.data import model_spec
 from jkd.data import tokenizers
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import sharding
+from jkd.train import storage
 from jkd.train.step import TrainState, init_state, init_term_params
 
 PyTree = Any
@@ -118,6 +119,8 @@ def teacher_spec(cfg) -> TeacherSpec:
   """The ``teacher.source`` teacher's config (compute dtype ``teacher.dtype``) and loader."""
   spec = teacher_model_spec(cfg)
   kind, arg = model_spec.parse_spec(spec) if spec else ("random", "")
+  if kind in ("hf", "gguf"):  # A gs:// model is copied to data.cache_dir once.
+    arg = storage.localize(arg, cfg.data.cache_dir)
   built = TEACHER_SOURCES[kind](cfg, arg)
   return built._replace(config=built.config.replace(dtype=cfg.teacher.dtype))
 
@@ -230,7 +233,7 @@ def student_source(cfg) -> tuple[StudentSource, str]:
   """The student's source and path; ``student.init_from`` (a Hugging Face directory or a jkd
   workdir/checkpoint) overrides ``student.source`` and ``student.path``."""
   if cfg.student.init_from:
-    path = os.path.expanduser(cfg.student.init_from)
+    path = storage.localize(os.path.expanduser(cfg.student.init_from), cfg.data.cache_dir)
     try:
       ckpt_lib.find_checkpoint(path)
       name = "checkpoint"
@@ -243,7 +246,8 @@ def student_source(cfg) -> tuple[StudentSource, str]:
     return STUDENT_SOURCES[name], path
   source = _choose(STUDENT_SOURCES, cfg.student.source, "student.source")
   needs_path = cfg.student.source in ("hf", "checkpoint")
-  return source, _path(cfg.student, "student") if needs_path else ""
+  return source, (storage.localize(_path(cfg.student, "student"), cfg.data.cache_dir)
+                  if needs_path else "")
 
 
 def student_config(cfg, teacher_config: models.ModelConfig) -> models.ModelConfig:

@@ -78,15 +78,11 @@ def check_config(cfg) -> None:
   if cfg.checkpoint.best_mode not in ("min", "max"):
     raise ValueError(f"checkpoint.best_mode must be 'min' or 'max' (got"
                      f" {cfg.checkpoint.best_mode!r}).")
-  for key in ("data.path", "data.eval_path", "data.data_dir", "data.select_reference",
-              "teacher.path", "student.path", "student.init_from"):
-    section, name = key.split(".")
-    value = str(cfg[section].get(name, "") or "")
-    if any(storage.is_remote(part) for part in value.split(",") if part.strip()):
-      raise ValueError(
-          f"{key}={value}: jkd reads data and models from local or mounted paths so far; only"
-          " the workdir may be a gs:// URL. Copy it to a local disk first (gcloud storage cp"
-          " -r ...) or mount the bucket (gcsfuse).")
+  reference = str(cfg.data.get("select_reference", "") or "")
+  if storage.is_remote(reference):
+    raise ValueError(
+        f"data.select_reference={reference}: the reference model of data selection is read from"
+        " a local or mounted path; copy it to a local disk first (gcloud storage cp -r ...).")
   if cfg.data.batch_size % int(cfg.train.grad_accum):
     raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by"
                      f" train.grad_accum {cfg.train.grad_accum}.")

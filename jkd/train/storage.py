@@ -150,7 +150,7 @@ def _bounded(fn, path: str, timeout_s: float):
 
 
 def check_workdir(path: str) -> None:
-  """For a URL workdir: the store answers (within ``JKD_STORAGE_TIMEOUT_S``) and the bucket
+  """For a URL (a workdir, a dataset): the store answers (within ``JKD_STORAGE_TIMEOUT_S``) and the bucket
   exists. Reads only; nothing is written. Local paths are not checked here.
 
   Raises:
@@ -173,7 +173,7 @@ def check_workdir(path: str) -> None:
   if not found:
     raise ValueError(f"{path}: the bucket {bucket} does not exist (or is not visible to these"
                      f" credentials): create it (gcloud storage buckets create {bucket}) or fix"
-                     " --workdir.")
+                     " the path.")
 
 
 def probe_write(path: str) -> None:
@@ -187,3 +187,61 @@ def probe_write(path: str) -> None:
     return
   timeout_s = float(os.environ.get("JKD_STORAGE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
   _bounded(lambda: (_path(target).write_text(""), _path(target).unlink()), path, timeout_s)
+
+
+def _bucket_of(path: str) -> str:
+  scheme, rest = str(path).split("://", 1)
+  return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def localize(path: str, cache_dir: str) -> str:
+  """A local path for ``path``: a local path as it is; a ``gs://`` file or directory copied once
+  under ``cache_dir/remote/<scheme>/<bucket>/<path>`` (a ``.complete`` marker records a whole
+  copy; an interrupted one is copied again). Datasets, teacher caches and model directories in
+  object storage are read this way: their readers (ArrayRecord, safetensors, GGUF) take local
+  files.
+
+  Raises:
+    ValueError: no such bucket or object; TimeoutError: the store did not answer.
+  """
+  if not is_remote(path):
+    return path
+  path = resolve(path)
+  check_workdir(path)  # The bucket exists and answers (bounded).
+  scheme, rest = path.split("://", 1)
+  target = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", scheme, rest)
+  marker = target + ".complete"
+  if os.path.exists(marker):
+    return target
+  source = _path(path)
+  if source.is_dir():
+    files, folders = [], [source]
+    while folders:  # (GCS refuses recursive patterns: the folders are listed one by one.)
+      for child in folders.pop().iterdir():
+        (folders if child.is_dir() else files).append(child)
+    prefix = str(source).rstrip("/") + "/"
+    pairs = [(f, os.path.join(target, str(f)[len(prefix):])) for f in files]
+  elif source.exists():
+    pairs = [(source, target)]
+  else:
+    raise ValueError(f"{path}: no such object or folder in {_bucket_of(path)}.")
+  import shutil  # noqa: PLC0415
+  for src, dst in pairs:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with src.open("rb") as fin, open(dst + ".part", "wb") as fout:
+      shutil.copyfileobj(fin, fout, 16 << 20)
+    os.replace(dst + ".part", dst)
+  with open(marker, "w", encoding="utf-8") as f:
+    f.write(path + "\n")
+  return target
+
+
+def upload(local_dir: str, url: str) -> None:
+  """Copies every file of ``local_dir`` to the ``url`` folder (e.g. an export to ``gs://``)."""
+  import shutil  # noqa: PLC0415
+  for root, _, files in os.walk(local_dir):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), local_dir)
+      with open(os.path.join(root, name), "rb") as fin, \
+          _path(join(url, *rel.split(os.sep))).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)

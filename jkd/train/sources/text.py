@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from jkd.data import jsonl
 from jkd.data import pipeline
 from jkd.data import store
+from jkd.train import storage
 
 
 def _cache_name(files: list[str], extra: Mapping[str, Any]) -> str:
@@ -49,6 +50,17 @@ def cached_dataset(files: list[str], root: str, options: Mapping[str, Any],
     return store.find_dataset(os.path.join(root, name))
 
 
+def _local(paths: list[str], cache_dir: str) -> list[str]:
+  """JSONL paths with the ``gs://`` ones copied to ``cache_dir`` (no patterns there)."""
+  out = []
+  for path in paths:
+    if storage.is_remote(path) and any(c in path for c in "*?["):
+      raise ValueError(f"data.path {path}: patterns are for local files; list the gs:// files"
+                       " (comma-separated) or give their folder.")
+    out.append(storage.localize(path, cache_dir))
+  return out
+
+
 def build_jsonl(cfg) -> str:
   """The TFDS dataset of ``data.path`` (JSONL files) under ``data.cache_dir``, built once.
 
@@ -58,8 +70,8 @@ def build_jsonl(cfg) -> str:
   d = cfg.data
   if not jsonl.split_paths(d.path):
     raise ValueError("data.source='jsonl' needs data.path (a JSONL file, a glob, or a list).")
-  train_files = jsonl.expand_paths(jsonl.split_paths(d.path))
-  eval_paths = jsonl.split_paths(d.eval_path)
+  train_files = jsonl.expand_paths(_local(jsonl.split_paths(d.path), d.cache_dir))
+  eval_paths = _local(jsonl.split_paths(d.eval_path), d.cache_dir)
   eval_files = jsonl.expand_paths(eval_paths) if eval_paths else []
   options = {"shape": d.shape or None, "eval_fraction": float(d.eval_fraction),
              "seed": int(d.seed) if d.eval_fraction else 0}
@@ -75,12 +87,12 @@ def build_jsonl(cfg) -> str:
 def tfds_path(cfg) -> str:
   """The stored dataset of ``data.source='tfds'``."""
   d = cfg.data
-  if d.path:
-    return os.path.expanduser(str(d.path))
+  if d.path:  # A gs:// dataset is copied to data.cache_dir once (storage.localize).
+    return storage.localize(os.path.expanduser(str(d.path)), d.cache_dir)
   if not d.name or not d.data_dir:
     raise ValueError("data.source='tfds' needs data.path (a TFDS dataset directory) or"
                      " data.name and data.data_dir.")
-  return os.path.join(os.path.expanduser(d.data_dir), d.name)
+  return storage.localize(storage.join(os.path.expanduser(d.data_dir), d.name), d.cache_dir)
 
 
 def is_text(cfg) -> bool:
