@@ -12,7 +12,7 @@ v5p-64::
     --config.data.path=/data/teacher_cache/1.0.0
 
 Plan on a v5p-64 (``bench/plan.py``), per chip: 2.81 GiB arguments (the 8B student and its Adam
-state, sharded 32 ways) + 14.68 GiB temporaries = 17.49 GiB of 95; roofline step >= 861 ms.
+state, sharded 32 ways) + 14.66 GiB temporaries = 17.47 GiB of 95; roofline step >= 861 ms.
 
 Variant ``cpu``: the CPU teacher's cache written by ``make_cpu_data``, 3 steps (CI).
 """

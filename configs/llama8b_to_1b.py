@@ -16,7 +16,7 @@ The real run names the teacher's checkpoint (its ``config.json`` has these shape
 
 Plan on a v5e-16 (libtpu 0.0.42.1's TPU compiler, jax 0.10.2; ``bench/plan.py``), per chip
 of 16 GiB HBM: arguments (student + Adam state + bf16 teacher shards) 1.80 GiB + temporaries
-5.58 GiB = 7.38 GiB; ``:fused`` 1.80 + 3.28 = 5.08 GiB. Roofline step >= 243 ms (model FLOPs
+5.58 GiB = 7.38 GiB; ``:fused`` 1.80 + 2.26 = 4.06 GiB. Roofline step >= 243 ms (model FLOPs
 at the bf16 peak). Before activation sharding constraints (#16) this step needed 36.7 GiB.
 
 Variants (``--config configs/llama8b_to_1b.py:<variant>``, combinable with commas):

@@ -10,9 +10,10 @@ batch 32 x 1024 tokens, plain FSDP over 16 chips::
     --config.teacher.source=hf:/ckpt/Qwen3-8B --config.data.source=jsonl \\
     --config.data.path=/data/prompts_and_answers.jsonl
 
-The plan covers the training step; the sampler's decode step is not planned yet. Plan on a
-v5e-16 (``bench/plan.py``), per chip: 2.16 GiB arguments + 5.60 GiB temporaries = 7.76 GiB of
-16 (the 0.6B student: 6.23 GiB); roofline step >= 271 ms.
+Plan on a v5e-16 (``bench/plan.py``), per chip: the training step 2.16 GiB arguments + 5.60 GiB
+temporaries = 7.76 GiB of 16 (the 0.6B student: 6.23 GiB), roofline step >= 271 ms; the
+sampler's program (32 rows, 1024-token prompts, 512 new tokens, KV cache 1536) 0.40 + 4.45 =
+4.85 GiB (0.6B: 1.95 GiB).
 
 Variants: ``0.6b`` (a Qwen3-0.6B student), ``cpu`` (the CPU teacher, every batch on-policy,
 3 steps; CI).

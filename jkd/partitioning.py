@@ -76,6 +76,12 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def context_key():
+  """The enclosing :func:`activation_sharding`'s ``(mesh, rules)`` (None outside one): part
+  of the cache key of a program traced inside it."""
+  return _CONTEXT.get()
+
+
 def batch_shards() -> int:
   """How many devices share the ``batch`` axis in the enclosing :func:`activation_sharding`
   (1 outside one)."""

@@ -160,7 +160,8 @@ def plan_sampler(run, config) -> dict[str, Any] | None:
   """The on-policy sampler's program (prefill + decode loop, KV cache) compiled for the run's
   devices, as the on-policy source calls it: the batch's rows, prompts of ``data.seq_len``
   tokens (its bucket), ``onpolicy.max_new_tokens`` new ones, the student's parameters in their
-  training shardings and the prompts replicated. None without ``onpolicy.mode``.
+  training shardings, traced inside the run's activation sharding (batch-sharded prefill,
+  decode and KV cache). None without ``onpolicy.mode``.
 
   Returns:
     ``{"rows", "prompt_len", "cache_len", "arguments", "temporaries", "total"}`` (bytes per
@@ -170,6 +171,7 @@ def plan_sampler(run, config) -> dict[str, Any] | None:
   import jax.numpy as jnp  # noqa: PLC0415
   from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
+  from jkd import partitioning  # noqa: PLC0415
   from jkd.sampling import sampler  # noqa: PLC0415
 
   onpolicy = config.get("onpolicy")
@@ -192,7 +194,9 @@ def plan_sampler(run, config) -> dict[str, Any] | None:
           sds((), jnp.float32), sds((), jnp.int32))
   out = {"rows": batch, "prompt_len": prompt_len, "cache_len": cache_len}
   try:
-    memory = fn.lower(*args).compile().memory_analysis()
+    with partitioning.activation_sharding(run.mesh, run.rules):  # As the on-policy source.
+      lowered = fn.lower(*args)
+    memory = lowered.compile().memory_analysis()
   except Exception as e:  # noqa: BLE001 (only the compiler's out-of-memory is an answer)
     needed = _out_of_memory(str(e))
     if needed is None:

@@ -25,6 +25,23 @@ def run(mesh_shape, devices, objective=PLAIN, **kwargs):
   return three_steps(state, step, batch, tparams)
 
 
+def sample(mesh_shape):
+  from jkd import models, partitioning, sampling  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()[:1] if mesh_shape == (1, 1, 1) else jax.devices()
+  mesh = train.make_mesh(mesh_shape, devices)
+  config = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_layers=2, num_heads=4, num_kv_heads=2)
+  params = models.init_params(config, jax.random.key(0))
+  shardings = train.shardings_for(jax.eval_shape(lambda: params), models.param_axes(config),
+                                  mesh)
+  params = jax.device_put(params, shardings)
+  prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12], [13], [14, 15, 16], [17, 18]]
+  with partitioning.activation_sharding(mesh, train.DEFAULT_RULES):
+    out = sampling.generate(params, prompts, config=config, key=None, greedy=True,
+                            max_new_tokens=6)
+  return [[int(t) for t in row] for row in jax.device_get(out.tokens)]
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
   results = {"single": run((1, 1, 1), jax.devices()[:1])}
@@ -36,4 +53,7 @@ if __name__ == "__main__":
   results["engine single"] = run((1, 1, 1), jax.devices()[:1], **engine)
   for shape in ((8, 1, 1), (2, 2, 2), (1, 8, 1), (1, 1, 8)):
     results[f"engine {shape}"] = run(shape, jax.devices(), **engine)
+  # The sampler traced inside the activation constraints (as the on-policy source runs it),
+  # greedy: the same tokens on one device and on sharded meshes.
+  results["sampler"] = {str(shape): sample(shape) for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2))}
   json.dump(results, sys.stdout)

@@ -21,6 +21,9 @@ def test_meshes_give_the_same_metrics_as_one_device():
                         capture_output=True, text=True, timeout=600, cwd=HERE.parent)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout)
+  samples = results.pop("sampler")
+  assert len(samples) == 3 and all(s == samples["(1, 1, 1)"] for s in samples.values()), samples
+  assert len(set(map(tuple, samples["(1, 1, 1)"]))) > 1  # Different prompts, different tokens.
   references = {"": results.pop("single"), "engine ": results.pop("engine single")}
   assert len(results) == 8
   for shape, steps in results.items():

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jkd.models import transformer
+from jkd.partitioning import constrain
 from jkd.models.config import ModelConfig
 
 Array = jax.Array
@@ -40,8 +41,11 @@ def from_model_cache(cache: dict, config: ModelConfig) -> dict:
   layout of :func:`decode_step` (tuples of ``L`` keys ``[B, Kv, D, S]`` and values
   ``[B, Kv, S, D]``); copied once, after the prefill."""
   out = dict(cache)
-  out["k"] = tuple(cache["k"][i].transpose(0, 2, 3, 1) for i in range(config.num_layers))
-  out["v"] = tuple(cache["v"][i].transpose(0, 2, 1, 3) for i in range(config.num_layers))
+  axes = ("batch", "activation_kv_heads", None, None)  # Batch-sharded in the engine's steps.
+  out["k"] = tuple(constrain(cache["k"][i].transpose(0, 2, 3, 1), axes)
+                   for i in range(config.num_layers))
+  out["v"] = tuple(constrain(cache["v"][i].transpose(0, 2, 1, 3), axes)
+                   for i in range(config.num_layers))
   return out
 
 
@@ -165,15 +169,17 @@ def decode_step(params, layers, head_t, tok, cache, config: ModelConfig):
   index = cache["index"]
   mask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((b, 1), bool), (0, index))
   positions = cache["next_position"][:, None]
-  x = jnp.take(params["embed"]["embedding"], tok, axis=0).astype(dtype)  # [B, H]
+  hidden_axes = ("batch", "activation_embed")
+  x = constrain(jnp.take(params["embed"]["embedding"], tok, axis=0).astype(dtype),
+                hidden_axes)  # [B, H]
   norm = transformer.RMSNorm(cfg.rms_norm_eps, dtype, pdtype)
   ks, vs = [], []
   for i, layer in enumerate(layers):
     h, k, v = _attention(layer, norm.apply({"params": layer["attn_norm"]}, x), positions, mask,
                          cache["k"][i], cache["v"][i], index, cfg)
-    ks.append(k)
-    vs.append(v)
-    x = x + h
+    ks.append(constrain(k, ("batch", "activation_kv_heads", None, None)))
+    vs.append(constrain(v, ("batch", "activation_kv_heads", None, None)))
+    x = constrain(x + h, hidden_axes)
     y = norm.apply({"params": layer["mlp_norm"]}, x)
     if cfg.num_experts:
       y, _ = transformer.MoE(cfg).apply({"params": layer["moe"]}, y[:, None])
@@ -181,8 +187,8 @@ def decode_step(params, layers, head_t, tok, cache, config: ModelConfig):
     else:
       gate_up = dense(y, layer["gate_up_t"], dtype)
       y = dense(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], layer["down_t"], dtype)
-    x = x + y
+    x = constrain(x + y, hidden_axes)
   x = norm.apply({"params": params["final_norm"]}, x)
-  logits = dense(x, head_t, jnp.float32)
+  logits = constrain(dense(x, head_t, jnp.float32), ("batch", "activation_vocab"))
   return logits, {"k": tuple(ks), "v": tuple(vs), "mask": mask, "index": index + 1,
                   "next_position": cache["next_position"] + 1}

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd import partitioning
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
 from jkd.sampling.decode import decode_step, from_model_cache, prepare_head, prepare_layers
@@ -414,7 +415,8 @@ def _program(config: ModelConfig, batch: int, prompt_len: int, cache_len: int,
   opts = dict(greedy=bool(greedy), top_k=0 if greedy else int(top_k),
               use_top_p=not greedy and top_p < 1.0, use_min_p=not greedy and min_p > 0.0)
   cache_key = (config, batch, prompt_len, cache_len, max_new_tokens, bool(return_logits),
-               tuple(sorted(opts.items())))
+               tuple(sorted(opts.items())),
+               partitioning.context_key())  # Traced with that mesh's constraints, if any.
   return _jitted(cache_key, config=config, cache_len=cache_len, max_new_tokens=max_new_tokens,
                  return_logits=bool(return_logits), **opts)
 

@@ -38,6 +38,7 @@ Sampling runs on one process: multi-process runs are not supported yet (a ``Valu
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 from typing import Any, Callable, Iterator, Mapping
 
@@ -45,9 +46,11 @@ import jax
 import numpy as np
 
 from jkd import models
+from jkd import partitioning
 from jkd import sampling
 from jkd.data.source import BatchSource, as_batch_source
 from jkd.losses import IGNORE_INDEX
+from jkd.train import sharding
 
 PyTree = Any
 
@@ -183,11 +186,15 @@ class OnPolicySource(BatchSource):
     if self._params is None:
       raise ValueError("an on-policy batch needs the student: call before_batch(params) before"
                        " next() (jkd.train.train does).")
-    out = sampling.generate(self._params, prompts, config=self.student_config,
-                            key=self.sample_key(index),
-                            max_new_tokens=min(self.max_new_tokens, seq_len),
-                            temperature=self.temperature, top_p=self.top_p, eos_id=self.eos_id,
-                            pad_id=self.pad_id, bucket=seq_len)
+    mesh = getattr(jax.tree.leaves(self._params)[0].sharding, "mesh", None)
+    context = (partitioning.activation_sharding(mesh, sharding.DEFAULT_RULES)
+               if isinstance(mesh, jax.sharding.Mesh) else contextlib.nullcontext())
+    with context:  # Traced on the student's mesh: batch-sharded prefill, decode and KV cache.
+      out = sampling.generate(self._params, prompts, config=self.student_config,
+                              key=self.sample_key(index),
+                              max_new_tokens=min(self.max_new_tokens, seq_len),
+                              temperature=self.temperature, top_p=self.top_p,
+                              eos_id=self.eos_id, pad_id=self.pad_id, bucket=seq_len)
     return np.asarray(out.tokens), np.asarray(out.lengths)
 
   def _generate_rows(self, batch: dict[str, np.ndarray], rows, index: int) -> list[int]:
