@@ -237,11 +237,7 @@ def plan(config, topology: str, *, hbm_gib: float | None = None, topk: int = 64
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state = run.abstract_state
-  student = _bytes_per_device(state.params)
-  optimizer = _bytes_per_device(state.opt_state) + _bytes_per_device(
-      (state.term_params, state.term_opt_state))
-  teacher = _bytes_per_device(run.abstract_teacher()) if run.online else 0
+  student, optimizer, teacher = _state_bytes(run)
   args = int(memory.argument_size_in_bytes)
   temps = int(memory.temp_size_in_bytes)
   outputs = int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes)
@@ -275,6 +271,15 @@ def plan(config, topology: str, *, hbm_gib: float | None = None, topk: int = 64
   return report
 
 
+def _state_bytes(run) -> tuple[int, int, int]:
+  """``(student parameters, optimizer state, teacher parameters)`` bytes per device."""
+  state = run.abstract_state
+  optimizer = _bytes_per_device(state.opt_state) + _bytes_per_device(
+      (state.term_params, state.term_opt_state))
+  teacher = _bytes_per_device(run.abstract_teacher()) if run.online else 0
+  return _bytes_per_device(state.params), optimizer, teacher
+
+
 def _out_of_memory(message: str) -> int | None:
   """The temporaries' bytes of a TPU compiler's out-of-memory error (None: another error)."""
   m = re.search(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\)", message)
@@ -286,11 +291,7 @@ def _out_of_memory(message: str) -> int | None:
 def _oom_report(run, topology, devices, chip, hbm_gib, batch, kind, temps) -> dict[str, Any]:
   """The report of a step the compiler refused for memory: temporaries from its message, the
   arguments counted from the shardings (the compiler gives no memory analysis then)."""
-  state = run.abstract_state
-  student = _bytes_per_device(state.params)
-  optimizer = _bytes_per_device(state.opt_state) + _bytes_per_device(
-      (state.term_params, state.term_opt_state))
-  teacher = _bytes_per_device(run.abstract_teacher()) if run.online else 0
+  student, optimizer, teacher = _state_bytes(run)
   args = student + optimizer + teacher
   hbm = (chip.hbm_gib if chip else (hbm_gib or 0.0)) * 2**30
   return {"topology": topology, "devices": len(devices), "mesh": dict(run.mesh.shape),
