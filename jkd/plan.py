@@ -33,6 +33,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from typing import Any, Mapping
@@ -113,6 +114,9 @@ def topology_devices(name: str) -> tuple[list[Any], Chip | None]:
                      f" 'jax[tpu]=={jax.__version__}' (libtpu runs on this machine; no TPU"
                      " is needed).")
   from jax.experimental import topologies  # noqa: PLC0415
+  # libtpu admits one process per machine (a lock file) unless told otherwise; a plan only
+  # compiles, so it may share the machine with any other JAX process that loaded libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   hosts = (2, 2, 1)
   desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{shape}",
                                       chip_config_name="default", chips_per_host_bounds=hosts,

@@ -6,12 +6,18 @@ test sees the same numbers whichever others run, in whatever order.
 
 from __future__ import annotations
 
+import os
 import zlib
 
-import jax
-import jax.experimental  # noqa: F401  (enable_x64 on older JAX)
-import numpy as np
-import pytest
+# The test extra installs libtpu (the TPU compiler of tests/test_plan.py). A JAX process that
+# may use a TPU loads it and holds its one-process lock; the suite's processes (and the
+# subprocesses they start, which inherit this) are CPU-only.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.experimental  # noqa: E402,F401  (enable_x64 on older JAX)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -89,8 +89,8 @@ needs_libtpu = pytest.mark.skipif(
 def plan_cli(tmp_path, config: str, topology: str, *flags: str) -> tuple[int, dict, str]:
   """``python -m jkd.plan`` in a subprocess: ``(exit status, JSON report, stderr)``.
 
-  libtpu admits one process at a time (a lock file held until the process exits), so TPU
-  compiles run in subprocesses, one after another (a file lock across pytest-xdist workers).
+  Each TPU compile runs in its own process, one after another (a file lock across
+  pytest-xdist workers): a big compile takes both cores and several GiB.
   """
   import fcntl
 
