@@ -186,7 +186,7 @@ class OnPolicySource(BatchSource):
     if self._params is None:
       raise ValueError("an on-policy batch needs the student: call before_batch(params) before"
                        " next() (jkd.train.train does).")
-    mesh = getattr(jax.tree.leaves(self._params)[0].sharding, "mesh", None)
+    mesh = getattr(getattr(jax.tree.leaves(self._params)[0], "sharding", None), "mesh", None)
     context = (partitioning.activation_sharding(mesh, sharding.DEFAULT_RULES)
                if isinstance(mesh, jax.sharding.Mesh) else contextlib.nullcontext())
     with context:  # Traced on the student's mesh: batch-sharded prefill, decode and KV cache.
