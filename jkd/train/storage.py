@@ -91,13 +91,7 @@ def read_text(path: str) -> str | None:
 def write_text(path: str, text: str) -> None:
   """Writes the whole file: through a temporary file and ``os.replace`` locally (a reader never
   sees half of it), as one object upload for a URL."""
-  if is_remote(path):
-    _path(path).write_text(text)
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -159,14 +153,13 @@ def check_workdir(path: str) -> None:
   """
   if not is_remote(path):
     return
-  scheme, rest = str(path).split("://", 1)
-  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  bucket = _bucket_of(path)
   timeout_s = float(os.environ.get("JKD_STORAGE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
   try:
     found = _bounded(lambda: _path(bucket).exists(), path, timeout_s)
-  except (PermissionError, OSError) as e:
-    if isinstance(e, TimeoutError):
-      raise
+  except TimeoutError:
+    raise
+  except OSError as e:
     raise ValueError(f"{path}: cannot read the bucket {bucket} ({type(e).__name__}: {e}); check"
                      " the credentials (gcloud auth application-default login, or a service"
                      " account with access to it).") from e
