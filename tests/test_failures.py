@@ -64,6 +64,8 @@ def error_text(code: int, err: str, expected: int) -> str:
     (["--config.data.seq_len=128"], 1,
      r"data.seq_len 128 is longer than the teacher's max_position_embeddings \(64\)"),
     (["--config.student.every=5"], 1, r"student.every must be in \[1, 4\]"),
+    (["--config.student.source=prune", "--config.student.prune.num_layers=9"], 1,
+     r"student.prune: num_layers=9 must be an int in \[1, 4\] \(the teacher's 4\)"),
     (["--config.checkpoint.keep=0"], 1, r"checkpoint.keep must be >= 1 \(got 0\)"),
     (["--config.optimizer.warmup_steps=-1"], 1, r"optimizer.warmup_steps must be >= 0"),
     (["--config.optimizer.b2=1"], 1, r"optimizer.b2 must be in \[0, 1\) \(got 1.0\)"),

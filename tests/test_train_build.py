@@ -3,6 +3,7 @@ and ``python -m jkd.train --init_from``."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -148,3 +149,45 @@ def test_cli_init_from_starts_from_the_checkpoint(shared, reference, tmp_path): 
       first["loss/total"] - ref[0]["loss/total"])
   assert os.path.exists(workdir / "config.json")
 
+
+
+def test_pruned_student_from_the_first_training_batches(tmp_path):
+  """``student.source=prune``: the teacher's importance on the first training batch, pruned;
+  the data is rewound, so training sees the same batches as any other student would."""
+  from jkd import students  # noqa: PLC0415
+  from jkd.data import ArraySource  # noqa: PLC0415
+  from jkd.train import loop  # noqa: PLC0415
+  cfg = tiny_config(student__source="prune", train__steps=1, eval__every=0,
+                    checkpoint__every=0)
+  cfg.student.prune.update(dict(num_layers=3, intermediate_size=40, calibration_batches=1))
+  spec = build.teacher_spec(cfg)
+  teacher = build.build_teacher(spec, MESH, RULES, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, teacher.config.vocab_size, (16, 16)).astype(np.int32)
+  data = {"tokens": tokens, "labels": np.concatenate([tokens[:, 1:], np.full((16, 1), -100)],
+                                                     1).astype(np.int32)}
+  source = ArraySource(data, batch_size=8, seed=0)
+  first = next(ArraySource(data, batch_size=8, seed=0))
+  imp = students.measure(teacher.params, teacher.config, [first])
+  want_cfg, want = students.prune(teacher.params, teacher.config, imp, num_layers=3,
+                                  intermediate_size=40)
+  student_cfg = build.student_config(cfg, teacher.config)
+  assert student_cfg == want_cfg.replace(scan_unroll=3)
+  params = build.student_params(cfg, student_cfg, teacher,
+                                build.param_shardings(student_cfg, MESH, RULES),
+                                jax.random.key(1), functools.partial(build.peek_batches, source))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+  np.testing.assert_array_equal(next(source)["tokens"], first["tokens"])  # Rewound.
+  result = loop.train(cfg, str(tmp_path), train_source=ArraySource(data, batch_size=8, seed=0),
+                      teacher=teacher)
+  assert result["status"] == "done" and result["state"].params["layers"]["mlp"]["up"][
+      "kernel"].shape == (3, teacher.config.hidden_size, 40)
+  with pytest.raises(ValueError, match=r"student.prune: intermediate_size=999 must be an int"):
+    build.student_config(_prune_cfg(intermediate_size=999), teacher.config)
+
+
+def _prune_cfg(**sizes):
+  cfg = tiny_config(student__source="prune")
+  cfg.student.prune.update(sizes)
+  return cfg

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from jkd import losses
 from jkd import models
+from jkd import students
 from jkd.data import model_spec
 from jkd.data import tokenizers
 from jkd.train import checkpoint as ckpt_lib
@@ -173,15 +174,17 @@ class StudentSource(NamedTuple):
 
   Attributes:
     config: ``(cfg, teacher_config, path) -> ModelConfig`` (reads no parameters).
-    params: ``(cfg, student_config, teacher, path, shardings, key) -> params`` in
-      ``shardings`` (called for a fresh run only; a resumed run restores its state).
+    params: ``(cfg, student_config, teacher, path, shardings, key, calibration) -> params``
+      in ``shardings`` (called for a fresh run only; a resumed run restores its state).
+      ``calibration(n)`` gives ``n`` batches of the run's training data (the ``prune`` source
+      measures the teacher's importance on them), or is None where there are none.
   """
   config: Callable[..., models.ModelConfig]
   params: Callable[..., PyTree]
 
 
-def _random_params(cfg, config, teacher, path, shardings, key):
-  del cfg, teacher, path
+def _random_params(cfg, config, teacher, path, shardings, key, calibration=None):
+  del cfg, teacher, path, calibration
   return jax.jit(lambda k: models.init_params(config, k), out_shardings=shardings)(key)
 
 
@@ -195,8 +198,8 @@ def _layers_config(cfg, teacher_config, path):
   return teacher_config.replace(num_layers=len(keep))
 
 
-def _layers_params(cfg, config, teacher, path, shardings, key):
-  del config, path, key
+def _layers_params(cfg, config, teacher, path, shardings, key, calibration=None):
+  del config, path, key, calibration
   every = int(cfg.student.every)
   return jax.jit(lambda p: models.student_from_teacher(p, teacher.config, every=every)[1],
                  out_shardings=shardings)(teacher.params)
@@ -211,20 +214,65 @@ def _checkpoint_config(cfg, teacher_config, path):
                                for k, v in stored.items()})
 
 
-def _checkpoint_params(cfg, config, teacher, path, shardings, key):
-  del cfg, teacher, key
+def _checkpoint_params(cfg, config, teacher, path, shardings, key, calibration=None):
+  del cfg, teacher, key, calibration
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(config)[0], shardings)
   return ckpt_lib.restore_params(path, abstract)
 
 
+#: ``student.prune`` keys that size the student (0: the teacher's).
+PRUNE_SIZES = ("num_layers", "intermediate_size", "num_heads", "hidden_size")
+
+
+def _prune_candidate(cfg, teacher_config) -> students.Candidate:
+  p = cfg.student.prune
+  sizes = {k: int(p[k]) for k in PRUNE_SIZES if int(p[k])}
+  try:
+    students.check_sizes(teacher_config, **sizes)
+  except ValueError as e:
+    raise ValueError(f"student.prune: {e}") from None
+  if str(p.layers_by) not in students.LAYER_SCORES:
+    raise ValueError(f"student.prune.layers_by must be one of {list(students.LAYER_SCORES)},"
+                     f" got {p.layers_by!r}.")
+  if int(p.calibration_batches) < 1:
+    raise ValueError("student.prune.calibration_batches must be >= 1 (got"
+                     f" {p.calibration_batches}): the importance is measured on them.")
+  return students.Candidate("prune", **sizes)
+
+
+def _prune_config(cfg, teacher_config, path):
+  del path
+  return students.shape(teacher_config, _prune_candidate(cfg, teacher_config))
+
+
+def _prune_params(cfg, config, teacher, path, shardings, key, calibration=None):
+  """The teacher pruned by its importance on the first training batches (jkd.students)."""
+  del config, path, key
+  if calibration is None:
+    raise ValueError("student.source=prune measures the teacher on the run's training data,"
+                     " and this run has none to give it.")
+  p = cfg.student.prune
+  candidate = _prune_candidate(cfg, teacher.config)
+  removal = (p.layers_by == "removal" and candidate.num_layers is not None
+             and candidate.num_layers < teacher.config.num_layers)
+  importance = students.measure(teacher.params, teacher.config,
+                                calibration(int(p.calibration_batches)), removal=removal)
+  _, params = students.prune(teacher.params, teacher.config, importance,
+                             layers_by=str(p.layers_by),
+                             **{k: v for k, v in candidate._asdict().items() if k != "name"})
+  return jax.device_put(params, shardings)
+
+
 #: ``student.source`` -> how to make the student.
 STUDENT_SOURCES: dict[str, StudentSource] = {
     "layers": StudentSource(_layers_config, _layers_params),
+    "prune": StudentSource(_prune_config, _prune_params),
     "random": StudentSource(
         lambda cfg, t, path: t.replace(**_model_fields(cfg.student.model)), _random_params),
     "hf": StudentSource(lambda cfg, t, path: model_spec.model_config(f"hf:{path}"),
-                        lambda cfg, c, t, path, sh, key: models.load_hf(path, shardings=sh)[1]),
+                        lambda cfg, c, t, path, sh, key, calibration=None: models.load_hf(
+                            path, shardings=sh)[1]),
     "checkpoint": StudentSource(_checkpoint_config, _checkpoint_params),
 }
 
@@ -261,10 +309,23 @@ def student_config(cfg, teacher_config: models.ModelConfig) -> models.ModelConfi
 
 
 def student_params(cfg, config: models.ModelConfig, teacher: Teacher, shardings: PyTree,
-                   key: jax.Array) -> PyTree:
-  """The student's initial parameters, in ``shardings`` (for a fresh run)."""
+                   key: jax.Array, calibration: Callable[[int], list] | None = None) -> PyTree:
+  """The student's initial parameters, in ``shardings`` (for a fresh run); ``calibration(n)``:
+  ``n`` training batches (see :class:`StudentSource`)."""
   source, path = student_source(cfg)
-  return source.params(cfg, config, teacher, path, shardings, key)
+  return source.params(cfg, config, teacher, path, shardings, key, calibration)
+
+
+def peek_batches(source, n: int) -> list:
+  """The next ``n`` batches of a training source, which is then rewound (``get_state`` /
+  ``set_state``); a wrapping source (on-policy) is read through its ``inner`` data."""
+  while hasattr(source, "inner") and hasattr(source.inner, "get_state"):
+    source = source.inner
+  state = source.get_state()
+  try:
+    return [next(source) for _ in range(n)]
+  finally:
+    source.set_state(state)
 
 
 # ---------------------------------------------------------------------------------------------

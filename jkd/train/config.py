@@ -33,7 +33,13 @@ Keys:
                            (the teacher's config with ``student.model.*`` overrides: shapes,
                            ``rope_theta``, ``rope_scaling``, ``tie_embeddings``, ``qkv_bias``,
                            ``qk_norm``, ``max_position_embeddings``, ``rms_norm_eps``),
-                           ``hf`` or ``checkpoint`` (``student.path``)
+                           ``hf`` or ``checkpoint`` (``student.path``), or ``prune`` (the
+                           teacher pruned by its measured importance, :mod:`jkd.students`)
+``student.prune.*``        ``num_layers``, ``intermediate_size``, ``num_heads``,
+                           ``hidden_size``: the pruned student's sizes (0: the teacher's);
+                           ``layers_by``: ``removal`` (calibration NLL without the layer) or
+                           ``influence`` (block influence); ``calibration_batches``: how many
+                           of the first training batches the importance is measured on
 ``student.model.num_experts``  a mixture-of-experts student (``random`` source): experts per
                            layer, ``num_experts_per_tok`` routed per token,
                            ``router_aux_loss_coef`` the load-balancing loss weight
@@ -211,6 +217,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.every = 2
   c.student.path = ""
   c.student.init_from = ""
+  c.student.prune = ml_collections.ConfigDict(dict(
+      num_layers=0, intermediate_size=0, num_heads=0, hidden_size=0, layers_by="removal",
+      calibration_batches=2))
   c.student.model = ml_collections.ConfigDict(dict(
       vocab_size=config_dict.placeholder(int), num_layers=config_dict.placeholder(int),
       hidden_size=config_dict.placeholder(int),

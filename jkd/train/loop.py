@@ -18,6 +18,7 @@ Multi-process runs: :mod:`jkd.train.distributed`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -127,11 +128,11 @@ def _checkpointer(run: setup_lib.Run, workdir: str) -> ckpt_lib.Checkpointer:
 
 
 def _student_needs_teacher(cfg) -> bool:
-  """Whether a fresh student is made from the teacher's parameters (``layers``)."""
-  return cfg.student.source == "layers" and not cfg.student.init_from
+  """Whether a fresh student is made from the teacher's parameters (``layers``, ``prune``)."""
+  return cfg.student.source in ("layers", "prune") and not cfg.student.init_from
 
 
-def _initial_state(run: setup_lib.Run, checkpointer, teacher, train_source):
+def _initial_state(run: setup_lib.Run, checkpointer, teacher, train_source, student_params):
   """``(state, start step, whether restored, step teacher)``: the newest checkpoint's state (its
   data position given to ``train_source``) or a fresh one; the teacher is built only when the
   step or a fresh ``layers`` student needs it, and frozen in ``teacher.param_dtype``."""
@@ -151,8 +152,13 @@ def _initial_state(run: setup_lib.Run, checkpointer, teacher, train_source):
     _say(f"resuming from {checkpointer.step_path(start)}")
   else:
     start = 0
-    params = build.student_params(cfg, run.student_config, teacher, run.state_shardings.params,
-                                  jax.random.fold_in(run.key, setup_lib.STUDENT_KEY))
+    if student_params is not None:  # Made already (jkd.train.stages: the report's samples).
+      params = jax.device_put(student_params, run.state_shardings.params)
+    else:
+      params = build.student_params(cfg, run.student_config, teacher,
+                                    run.state_shardings.params,
+                                    jax.random.fold_in(run.key, setup_lib.STUDENT_KEY),
+                                    functools.partial(build.peek_batches, train_source))
     state = build.create_state(params, run.optimizer, run.objective, run.state_shardings,
                                run.term_params())
   if run.online:
@@ -293,7 +299,8 @@ class _Training:
 
 def train(config, workdir: str, *, train_source=None, eval_source=None,
           golden_source=None, teacher: build.Teacher | None = None,
-          allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
+          allow_config_change: Sequence[str] = (),
+          student_params: Any = None) -> dict[str, Any]:
   """Runs (or resumes) a training run in ``workdir``.
 
   Args:
@@ -316,6 +323,9 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
       are not read again; None: built here when needed.
     allow_config_change: config keys (or sections) that may differ from the checkpoint's on
       resume, beyond the free ones (:mod:`jkd.train.resume`).
+    student_params: a fresh run's initial student, already made by
+      ``build.student_params`` (e.g. a pruned student whose importance was measured for the
+      report's samples); None: made here. Ignored when resuming.
 
   Returns:
     ``{"step": last step, "status": "done" | "preempted", "eval": last eval metrics or None,
@@ -335,11 +345,11 @@ def train(config, workdir: str, *, train_source=None, eval_source=None,
   with stopping.sigterm_noted():
     return _train(config, workdir, train_source=train_source, eval_source=eval_source,
                   golden_source=golden_source, teacher=teacher,
-                  allow_config_change=allow_config_change)
+                  allow_config_change=allow_config_change, student_params=student_params)
 
 
 def _train(config, workdir: str, *, train_source, eval_source, golden_source, teacher,
-           allow_config_change: Sequence[str]) -> dict[str, Any]:
+           allow_config_change: Sequence[str], student_params) -> dict[str, Any]:
   run = setup_lib.setup(config, teacher_config=None if teacher is None else teacher.config)
   resumed = check_resume(config, workdir, allow_config_change)
   if train_source is None:  # The config's data.
@@ -352,7 +362,8 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
     cleanup.callback(checkpointer.wait)  # Runs first: a pending save completes.
     # The models' weights and a checkpoint's state and data position are read (and checked)
     # before anything is written to the workdir.
-    state, start, restored, teacher = _initial_state(run, checkpointer, teacher, train_source)
+    state, start, restored, teacher = _initial_state(run, checkpointer, teacher, train_source,
+                                                     student_params)
     first = None
     if start < int(config.train.steps):  # The first batch too: a bad example or shape shows.
       train_source.before_batch(state.params)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 
 from jkd import sampling
+from jkd import students
 from jkd.data import corpus as corpus_lib
 from jkd.train import build
 from jkd.train import config
@@ -61,6 +63,16 @@ def _greedy(params, config, tokenizer, prompts: list[str], max_new_tokens: int) 
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   return [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
           for i in range(len(prompts))]
+
+
+def _shape(config, teacher=None) -> str:
+  """``"24 layers, MLP 960, 61.1 M non-embedding parameters (58% of the teacher's)"``."""
+  n = students.count_params(config)["non_embedding"]
+  text = f"{config.num_layers} layers, MLP {config.intermediate_size}, {n / 1e6:.1f} M"
+  if teacher is not None:
+    text += f" non-embedding parameters ({n / students.count_params(teacher)['non_embedding']:.0%}"
+    return text + " of the teacher's)"
+  return text + " non-embedding parameters"
 
 
 def run(cfg, workdir: str, *, allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
@@ -112,15 +124,17 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any
       held = sources.corpus.split_prompts(corpus_lib.read_prompts(corpus_lib.SHIPPED_PROMPTS),
                                           int(every))[1]
     shown = [h["prompt"] for h in held[:int(r.samples)]]
+    calibration = (functools.partial(build.peek_batches, kwargs["train_source"])
+                   if "train_source" in kwargs else None)
     student0 = build.student_params(
         cfg, models.student_config, models.teacher,
         build.param_shardings(models.student_config, models.mesh, sharding.DEFAULT_RULES),
-        jax.random.fold_in(jax.random.key(int(cfg.seed)), 1))
+        jax.random.fold_in(jax.random.key(int(cfg.seed)), setup_lib.STUDENT_KEY), calibration)
     teacher_text = _greedy(models.teacher.params, models.teacher.config, models.tokenizer, shown,
                            int(r.sample_tokens))
     before_text = _greedy(student0, models.student_config, models.tokenizer, shown,
                           int(r.sample_tokens))
-    del student0
+    kwargs["student_params"] = student0  # A fresh run starts from it (made once).
   t0 = time.perf_counter()
   if models is not None:
     kwargs["teacher"] = models.teacher  # Read once, for the corpus, the samples and training.
@@ -133,8 +147,9 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any
                for p, t, b, a in zip(shown, teacher_text, before_text, after_text)]
     s, t = models.student_config, models.teacher.config
     summary = {
-        "models": {"teacher": f"{cfg.teacher.source} ({t.num_layers} layers)",
-                   "student": f"{s.num_layers} layers", "steps": int(cfg.train.steps)},
+        "models": {"teacher": f"{cfg.teacher.source} ({_shape(t)})",
+                   "student": f"{cfg.student.source} ({_shape(s, t)})",
+                   "steps": int(cfg.train.steps)},
         "data": facts, "samples": samples, "timings": timings}
     paths = report_lib.write_report(workdir, summary, title=r.title)
     _say(f"report: {paths['md']}")
