@@ -13,7 +13,7 @@ preference     fused vs unfused DPO log-probs: compiled memory and time
 sampler        jkd.sampling vs transformers ``generate`` (needs torch)
 train_step     a distillation step vs a plain PyTorch loop (needs torch)
 train_step_bfloat16  the same step, both frameworks in bf16 mixed precision
-quality        distillation vs a CE-only student on the demo corpus
+quality        method leaderboard: 8 objectives x 3 seeds vs CE only on the demo corpus
 \*_system_allocator  sampler and train_step with glibc's default allocator settings
 =============  ======================================================================
 

@@ -40,6 +40,7 @@ _EXPORTS = {
     "RoundPairsSource": "sources.rounds",
     "DDKSource": "sources.ddk", "SelectedSource": "sources.miniplm",
     "run": "stages", "split_prompts": "sources.corpus",
+    "greedy_answers": "answers", "judge_nll": "answers", "rouge_l": "answers",
 }
 
 
