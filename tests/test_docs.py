@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ("docs/losses.md", "docs/models.md", "docs/engine.md")
+PAGES = ("docs/losses.md", "docs/models.md", "docs/engine.md", "docs/students.md")
 
 
 def run_examples(page):
@@ -32,6 +32,9 @@ def test_doc_examples_run(page):
     assert np.isfinite(float(namespace["loss"])) and float(namespace["loss"]) > 0
     assert float(namespace["total"]) == float(namespace["metrics"]["loss/total"])
     assert jnp.all(jnp.isfinite(namespace["grads"][1]))
+  if page == "docs/students.md":
+    assert namespace["student_cfg"].num_layers == 3 and namespace["student"]["layers"]["mlp"][
+        "up"]["kernel"].shape == (3, 32, 48)
 
 
 @pytest.mark.parametrize("page", ["README.md", *sorted(

@@ -278,3 +278,52 @@ def test_command_line_errors(tmp_path, capsys, args, message):
     students.main(["--teacher", RANDOM_TEACHER, "--batches", "1", "--seq-len", "48", *args])
   assert e.value.code == 2
   assert re.search(message, capsys.readouterr().err)
+
+
+SHARDED_SCRIPT = """
+import json
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import test_students as t
+from jkd import students
+from jkd.models import ModelConfig, param_axes
+from test_models import _params
+
+assert jax.device_count() == 8, jax.devices()
+cfg = ModelConfig(**t.TINY)
+params = _params(cfg)
+mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+rules = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor"}
+specs = jax.tree.map(lambda s: PartitionSpec(*(rules.get(a) for a in s)), param_axes(cfg),
+                     is_leaf=lambda s: isinstance(s, PartitionSpec))
+sharded = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                         is_leaf=lambda s: isinstance(s, PartitionSpec)))
+assert len(sharded["layers"]["mlp"]["up"]["kernel"].sharding.device_set) == 8
+batches = [t._batch(0, b=4), t._batch(1, b=4)]
+one, many = (students.measure(p, cfg, batches) for p in (params, sharded))
+diff = {k: float(np.max(np.abs(np.asarray(getattr(one, k)) - np.asarray(getattr(many, k)))))
+        for k in ("removal", "influence", "heads", "mlp", "embed")}
+sizes = dict(num_layers=3, intermediate_size=40, num_heads=2)
+_, p1 = students.prune(params, cfg, one, **sizes)
+_, p8 = students.prune(sharded, cfg, many, **sizes)
+diff["pruned"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+print(json.dumps(diff))
+"""
+
+
+def test_sharded_teacher_gives_the_unsharded_scores():
+  import os  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                 [str(root / "tests"), str(root), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  diff = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert all(v < 2e-5 for v in diff.values()), diff
