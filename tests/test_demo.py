@@ -5,7 +5,10 @@ import os
 
 import pytest
 
+from jkd import students
 from jkd.data import store
+from jkd.models import ModelConfig
+from jkd.train import build
 from jkd.train import sources, stages
 from jkd.train.writer import read_metrics
 from recipe_configs import load_config
@@ -19,7 +22,14 @@ def _config(arg):
 
 def test_default_demo_config_is_the_smollm2_job():
   c = _config(None)
-  assert c.teacher.source == "smollm2" and c.student.every == 5
+  assert c.teacher.source == "smollm2" and c.student.source == "prune"
+  # The student: at most 60% of the teacher's non-embedding parameters (SmolLM2's shape is
+  # ModelConfig's default).
+  teacher = ModelConfig()
+  student = build.student_config(c, teacher)
+  share = (students.count_params(student)["non_embedding"]
+           / students.count_params(teacher)["non_embedding"])
+  assert (student.num_layers, student.intermediate_size) == (24, 960) and share <= 0.6
   assert c.data.source == "teacher_corpus" and c.report.enabled
   assert c.objective.kd.term == "generalized_jsd"
   with pytest.raises(ValueError, match="unknown variant"):
