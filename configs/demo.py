@@ -12,7 +12,7 @@ in the workdir (metrics before and after, curves, samples side by side, throughp
 
   python -m jkd.train --config configs/demo.py --workdir /tmp/jkd_demo
 
-About 10-15 minutes on 2 CPU cores, with progress bars; rerunning the same command resumes.
+About 11 minutes on 2 CPU cores, with progress bars; rerunning the same command resumes.
 Variants: ``configs/demo.py:tiny`` (a random tiny teacher with a character tokenizer, seconds:
 what CI runs). Any key can be overridden, e.g. ``--config.train.steps=200``.
 """
