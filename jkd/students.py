@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkd import models
+from jkd import precision
 from jkd.models import transformer
 
 PyTree = Any
@@ -143,17 +144,16 @@ def _stat_sums(params: PyTree, tokens: Array, labels: Array, *, config: models.M
   final = transformer.RMSNorm(config.rms_norm_eps, dtype, jnp.dtype(config.param_dtype)).apply(
       {"params": params["final_norm"]}, x)
   embed = jnp.sum(embed, axis=0) + jnp.sum(jnp.abs(final.astype(jnp.float32)) * w, axis=(0, 1))
-  logits = precision_logits(params, config, final)
+  logits = _logits(params, config, final)
   nll, count = _nll_sums(logits, labels, valid)
   return {"nll": nll, "count": count, "influence": influence, "heads": heads, "mlp": mlp,
           "embed": embed}, inputs
 
 
-def precision_logits(params: PyTree, config: models.ModelConfig, hidden: Array) -> Array:
-  """``[B, T, V]`` float32 logits of final hidden states (the model's head, as ``apply``)."""
+def _logits(params: PyTree, config: models.ModelConfig, hidden: Array) -> Array:
+  """``[B, T, V]`` float32 logits of final hidden states: the head product of ``apply``."""
   head = models.output_head(params, config).astype(config.dtype)
-  return jnp.einsum("bth,hv->btv", hidden.astype(config.dtype), head,
-                    preferred_element_type=jnp.float32)
+  return precision.dot(hidden, head, dtype=config.dtype, out_dtype=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -177,7 +177,7 @@ def _removed_nll(params: PyTree, inputs: Array, skip: Array, labels: Array, *,
   x, _ = jax.lax.scan(layer, inputs[skip], (jnp.arange(config.num_layers), params["layers"]))
   final = transformer.RMSNorm(config.rms_norm_eps, dtype, jnp.dtype(config.param_dtype)).apply(
       {"params": params["final_norm"]}, x)
-  return _nll_sums(precision_logits(params, config, final), labels, valid)
+  return _nll_sums(_logits(params, config, final), labels, valid)
 
 
 def measure(params: PyTree, config: models.ModelConfig, batches: Iterable[Mapping[str, Any]],
