@@ -168,6 +168,40 @@ def adaptive_kl(log_q, log_p, *, mu: float = 0.5, weights=None) -> np.ndarray:
           + np.where(w_t > 0, w_t * np.where(w_t > 0, rkl, 0.0), 0.0))
 
 
+def entropy(log_a) -> np.ndarray:
+  """``H(a) = -sum_v a_v log a_v`` over the last axis, terms with ``a_v = 0`` being 0."""
+  log_a = f64(log_a)
+  a = np.exp(log_a)
+  terms = np.zeros_like(a)
+  pos = a > 0
+  terms[pos] = -a[pos] * log_a[pos]
+  return terms.sum(axis=-1)
+
+
+def balanced_kl_weights(log_q, log_p) -> np.ndarray:
+  """``[..., 2]`` BD-KD weights ``(H(p), H(q)) / (H(p) + H(q))`` of forward and reverse KL;
+  ``(1/2, 1/2)`` when both entropies are 0."""
+  h_q, h_p = entropy(log_q), entropy(log_p)
+  total = h_q + h_p
+  safe = np.where(total > 0, total, 1.0)
+  return np.stack([np.where(total > 0, h_p / safe, 0.5), np.where(total > 0, h_q / safe, 0.5)],
+                  axis=-1)
+
+
+def balanced_kl(log_q, log_p, *, weights=None) -> np.ndarray:
+  """BD-KD: ``w_f KL(p || q) + w_r KL(q || p)``, the weights from the two entropies.
+
+  ``weights`` (``[..., 2]``) freezes them, as the stop-gradient does for the gradient.
+  """
+  if weights is None:
+    weights = balanced_kl_weights(log_q, log_p)
+  fkl, rkl = forward_kl(log_q, log_p), reverse_kl(log_q, log_p)
+  w_f, w_r = weights[..., 0], weights[..., 1]
+  # A zero weight kills its term even when that KL is infinite.
+  return (np.where(w_f > 0, w_f * np.where(w_f > 0, fkl, 0.0), 0.0)
+          + np.where(w_r > 0, w_r * np.where(w_r > 0, rkl, 0.0), 0.0))
+
+
 def _scaled(coef: float, z) -> np.ndarray:
   """``coef * z`` with ``0 * (-inf) = 0`` (a zero-weight endpoint does not contribute)."""
   z = f64(z)
@@ -205,6 +239,7 @@ DIVERGENCES = {
     "skew_reverse_kl": skew_reverse_kl,
     "total_variation": total_variation,
     "adaptive_kl": adaptive_kl,
+    "balanced_kl": balanced_kl,
     "taid": taid,
 }
 
@@ -221,6 +256,7 @@ SPECS = [
     ("total_variation", "total_variation", {}),
     ("akl_mu0.5", "adaptive_kl", {"mu": 0.5}),
     ("akl_mu0.9", "adaptive_kl", {"mu": 0.9}),
+    ("balanced_kl", "balanced_kl", {}),
     ("taid_t0.4", "taid", {"t": 0.4}),
     ("taid_t1", "taid", {"t": 1.0}),
 ]
@@ -228,7 +264,7 @@ SPECS = [
 #: One spec per divergence name (for the sparse and fused forms, which share the cores).
 ONE_PER_NAME = [s for s in SPECS if s[0] in (
     "forward_kl", "reverse_kl", "jsd_b0.5", "skew_kl", "skew_reverse_kl", "total_variation",
-    "akl_mu0.5", "taid_t0.4")]
+    "akl_mu0.5", "balanced_kl", "taid_t0.4")]
 
 #: Divergences whose value is a fixed function of the student (no stop-gradient inside).
 NO_STOP_GRADIENT = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
@@ -264,12 +300,16 @@ def full_divergence(name: str, student_logits, teacher_logits, *, temperature: f
 
 def frozen_options(name: str, student_logits, teacher_logits, *, temperature: float = 1.0,
                    **options) -> dict:
-  """Options that freeze the stop-gradient parts at the given point (AKL weights, TAID target)."""
+  """Options that freeze the stop-gradient parts at the given point (AKL and BD-KD weights, TAID
+  target)."""
   options = dict(options)
   if name == "adaptive_kl":
     options["weights"] = adaptive_kl_weights(log_softmax(student_logits, temperature),
                                              log_softmax(teacher_logits, temperature),
                                              mu=options.get("mu", 0.5))
+  elif name == "balanced_kl":
+    options["weights"] = balanced_kl_weights(log_softmax(student_logits, temperature),
+                                             log_softmax(teacher_logits, temperature))
   elif name == "taid":
     options["target"] = taid_target_from_logits(student_logits, teacher_logits, t=options["t"],
                                                 temperature=temperature)

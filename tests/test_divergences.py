@@ -375,9 +375,9 @@ def test_banned_tokens_in_both_models(spec, temperature, rng):
 def _infinite_when(name, options, side):
   """Whether the divergence is +inf when only ``side`` ('teacher'/'student') bans tokens."""
   if side == "teacher":  # q > 0 = p somewhere: anything with KL(q || p) in it
-    return (name in ("reverse_kl", "adaptive_kl")
+    return (name in ("reverse_kl", "adaptive_kl", "balanced_kl")
             or (name == "generalized_jsd" and options["beta"] == 1.0))
-  return (name in ("forward_kl", "adaptive_kl")  # p > 0 = q somewhere: KL(p || q)
+  return (name in ("forward_kl", "adaptive_kl", "balanced_kl")  # p > 0 = q: KL(p || q)
           or (name == "generalized_jsd" and options["beta"] == 0.0)
           or (name == "taid" and options["t"] == 1.0))
 

@@ -83,6 +83,8 @@ def frozen_bins_options(name, student, teacher, options):
   options = dict(options)
   if name == "adaptive_kl":
     options["weights"] = ref.adaptive_kl_weights(student, teacher, mu=options["mu"])
+  elif name == "balanced_kl":
+    options["weights"] = ref.balanced_kl_weights(student, teacher)
   elif name == "taid":
     options["target"] = ref.taid_target(student, teacher, t=options["t"])
   return options

@@ -103,6 +103,27 @@ def _core_adaptive_kl(log_q: Array, log_p: Array, *, mu: float = 0.5) -> Array:
   return w_head * _kl(log_p, log_q) + w_tail * _kl(log_q, log_p)
 
 
+def _entropy(log_p: Array) -> Array:
+  """``H(p) = -sum p log p`` over the last axis, with ``0 log 0 = 0`` (no gradient flows)."""
+  log_p = jax.lax.stop_gradient(log_p)
+  p = jnp.exp(log_p)
+  return jnp.maximum(-jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, log_p, 0.0), 0.0), axis=-1),
+                     0.0)
+
+
+def _core_balanced_kl(log_q: Array, log_p: Array) -> Array:
+  # BD-KD: forward KL weighted by the teacher's entropy, reverse KL by the student's, both
+  # normalised to sum to 1; the weights are constants for the gradient. A zero weight kills its
+  # term even where that KL is infinite (0 * inf would be NaN).
+  h_q, h_p = _entropy(log_q), _entropy(log_p)
+  total = h_q + h_p
+  safe_total = jnp.where(total > 0, total, 1.0)
+  w_fwd = jnp.where(total > 0, h_p / safe_total, 0.5)
+  w_rev = jnp.where(total > 0, h_q / safe_total, 0.5)
+  return (jnp.where(w_fwd > 0, w_fwd * _kl(log_p, log_q), 0.0)
+          + jnp.where(w_rev > 0, w_rev * _kl(log_q, log_p), 0.0))
+
+
 def _core_taid(log_q: Array, log_p: Array, *, t: Any) -> Array:
   # Interpolating logits equals interpolating log-probs up to a per-row constant, which the
   # log_softmax removes; -inf is replaced by a large finite number so that 0 * -inf never occurs.
@@ -143,6 +164,7 @@ CORES: dict[str, Callable[..., Array]] = {
     "skew_reverse_kl": _core_skew_reverse_kl,
     "total_variation": _core_total_variation,
     "adaptive_kl": _core_adaptive_kl,
+    "balanced_kl": _core_balanced_kl,
     "taid": _core_taid,
 }
 
@@ -439,6 +461,41 @@ def adaptive_kl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5
                          temperature=temperature, where=where)
 
 
+def balanced_kl(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0,
+                where: Array | None = None) -> Array:
+  r"""Balanced divergence (BD-KD): forward and reverse KL weighted by the two entropies.
+
+  Per position, the teacher's entropy weights the forward (mode-covering) KL and the student's
+  entropy the reverse (mode-seeking) KL, normalised to sum to 1:
+
+  .. math:: H(x) = -\sum_v x_v \log x_v,\quad
+            w_f = \frac{H(p)}{H(p) + H(q)},\ w_r = \frac{H(q)}{H(p) + H(q)},\quad
+            T^2\,[w_f\,\mathrm{KL}(p\|q) + w_r\,\mathrm{KL}(q\|p)]
+
+  A student less certain than the teacher (``H(q) > H(p)``) leans on reverse KL, which
+  sharpens it; a more certain (over-confident) one leans on forward KL, which spreads it. The
+  weights are constants for the gradient (stop-gradient); both entropies are of the tempered
+  distributions; when both are 0 the weights are 1/2 each. Over sparse bins
+  (:func:`jkd.losses.sparse_divergence`) the entropies are those of the binned distributions.
+
+  Args and returns as :func:`forward_kl`.
+
+  References: Amara et al., *BD-KD: Balancing the Divergences for Online Knowledge
+  Distillation*, arXiv:2212.12965, 2022.
+
+  >>> import jax.numpy as jnp
+  >>> z = jnp.array([1.0, 2.0, 3.0])
+  >>> float(balanced_kl(z, z))
+  0.0
+  >>> s, t = jnp.zeros(3), jnp.array([2.0, 0.0, -1.0])  # a uniform student: H(q) > H(p)
+  >>> f, r, b = forward_kl(s, t), reverse_kl(s, t), balanced_kl(s, t)
+  >>> bool(min(f, r) < b < max(f, r)), bool(abs(b - r) < abs(b - f))
+  (True, True)
+  """
+  return full_divergence("balanced_kl", student_logits, teacher_logits,
+                         temperature=temperature, where=where)
+
+
 def taid_kl(student_logits: Array, teacher_logits: Array, *, t: Any, temperature: float = 1.0,
             where: Array | None = None) -> Array:
   r"""TAID's loss: KL from the interpolated target to the student, per position.
@@ -470,5 +527,6 @@ DIVERGENCES: dict[str, Callable[..., Array]] = {
     "skew_reverse_kl": skew_reverse_kl,
     "total_variation": total_variation,
     "adaptive_kl": adaptive_kl,
+    "balanced_kl": balanced_kl,
     "taid": taid_kl,
 }

@@ -32,8 +32,11 @@ that loss, checked when the objective is built: a typo is an error naming the va
 ``teacher_index``          ``[B, T]`` teacher position aligned to each student position (``uld``)
 =========================  ===================================================================
 
-Stateful terms (TAID) keep their state in ``objective.init_state()``; the train step passes it
-in and calls ``objective.update_state(state, metrics, step)`` after the gradient step.
+Stateful terms (TAID, CRD's memory bank) keep their state in ``objective.init_state()``; the
+train step passes it in and calls ``objective.update_state(state, metrics, step)`` after the
+gradient step. A term's update sees its detached value and, when the term returns them, arrays
+of its own (*state inputs*: CRD's embeddings of the step), which travel in ``metrics`` under
+:data:`STATE_INPUTS` and are removed from it by ``update_state`` (what is logged stays scalars).
 
 Terms with trainable parameters of their own (the projections of ``hidden_state`` between
 different widths) declare ``init_params``: ``objective.init_params(key, inputs)`` makes them
@@ -51,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, MutableMapping
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +77,17 @@ class LossTerm:
 
   Attributes:
     fn: ``fn(inputs, **options) -> scalar``, or ``(scalar, {metric: value})`` whose extra
-      metrics are logged as ``<term name>/<metric>`` (stateful terms also receive ``state=``).
+      metrics are logged as ``<term name>/<metric>``, or ``(scalar, {metric: value},
+      state_inputs)`` with a pytree of arrays for the term's ``update_state`` (stateful terms
+      also receive ``state=``).
     needs: the input keys the term reads, as alternatives (a tuple of tuples): the engine
       computes every key named here (hidden states, attention maps) and error messages list
       them.
-    init_state: for stateful terms, ``init_state(**options) -> pytree``.
-    update_state: ``update_state(state, value, step, **options) -> state``.
+    init_state: for stateful terms, ``init_state(**options) -> pytree``; a term whose
+      ``init_state`` returns None for its options is stateless (its ``fn`` gets ``state=None``).
+    update_state: ``update_state(state, value, step, **options) -> state``; a term whose ``fn``
+      returned ``state_inputs`` gets them too, detached, as ``update_state(..., state_inputs=,
+      **options)``.
     validate: optional ``validate(**options)`` run when the objective is built.
     init_params: for terms with trainable parameters, ``init_params(key, inputs, **options)
       -> pytree or None``; ``inputs`` may hold only shapes (``jax.ShapeDtypeStruct``). The
@@ -98,6 +106,10 @@ class LossTerm:
 
 #: The registry of named loss terms. Add your own with :func:`register_loss_term`.
 LOSS_TERMS: dict[str, LossTerm] = {}
+
+#: The key of ``metrics`` under which :class:`Objective` hands the terms' state inputs
+#: (``{term name: pytree}``) to :meth:`Objective.update_state`, which removes it.
+STATE_INPUTS = "objective/state_inputs"
 
 
 def register_loss_term(name: str, *, needs=(), init_state=None, update_state=None,
@@ -210,7 +222,7 @@ def _register_divergence(name: str) -> None:
 
 
 for _name in ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
-              "total_variation", "adaptive_kl"):
+              "total_variation", "adaptive_kl", "balanced_kl"):
   _register_divergence(_name)
 
 
@@ -372,6 +384,7 @@ class _BoundTerm:
   term: LossTerm
   weight: float
   options: Mapping[str, Any]
+  stateful: bool = False  # init_state gives a state for these options (not None)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity: usable as a jit static.
@@ -410,29 +423,35 @@ class Objective:
 
   def state_metrics(self, state: Mapping[str, Any]) -> dict[str, Array]:
     """``{"<term name>/<name>": value}`` from the stateful terms' ``state_metrics``."""
-    return {f"{t.name}/{k}": v for t in self.terms if t.term.state_metrics is not None
+    return {f"{t.name}/{k}": v for t in self.terms
+            if t.stateful and t.term.state_metrics is not None
             for k, v in t.term.state_metrics(state[t.name]).items()}
 
   def init_state(self) -> dict[str, Any]:
     """State of the stateful terms, ``{term name: pytree}`` (empty if none)."""
-    return {t.name: t.term.init_state(**t.options) for t in self.terms if t.term.init_state}
+    return {t.name: t.term.init_state(**t.options) for t in self.terms if t.stateful}
 
   def __call__(self, inputs: Mapping[str, Any], state: Mapping[str, Any] | None = None,
                params: Mapping[str, Any] | None = None) -> tuple[Array, dict[str, Array]]:
     metrics = {}
+    state_inputs = {}
     total = jnp.zeros((), jnp.float32)
     for t in self.terms:
       kwargs = dict(t.options)
-      if t.term.init_state is not None:
+      if t.stateful:
         if state is None or t.name not in state:
           raise ValueError(f"loss term {t.name!r} is stateful: pass objective.init_state() (and"
                            " its updates) as the state argument.")
         kwargs["state"] = state[t.name]
+      elif t.term.init_state is not None:
+        kwargs["state"] = None  # Stateless with these options (init_state gave None).
       if t.term.init_params is not None:
         kwargs["params"] = (params or {}).get(t.name)
       value = t.term.fn(inputs, **kwargs)
-      if isinstance(value, tuple):  # (scalar, extra metrics), logged as "<name>/<metric>".
-        value, extra = value
+      if isinstance(value, tuple):  # (scalar, extra metrics[, state inputs]).
+        if len(value) == 3 and value[2] is not None:
+          state_inputs[t.name] = jax.tree.map(jax.lax.stop_gradient, value[2])
+        value, extra = value[0], value[1]
         metrics.update({f"{t.name}/{k}": v for k, v in extra.items()})
       value = jnp.asarray(value, jnp.float32)
       if value.shape != ():
@@ -441,16 +460,30 @@ class Objective:
       metrics[f"loss/{t.name}"] = value
       total = total + t.weight * value
     metrics["loss/total"] = total
+    if state_inputs:
+      metrics[STATE_INPUTS] = state_inputs
     return total, metrics
 
-  def update_state(self, state: Mapping[str, Any], metrics: Mapping[str, Array],
+  def update_state(self, state: Mapping[str, Any], metrics: Mapping[str, Any],
                    step: Array) -> dict[str, Any]:
-    """Advances stateful terms from this step's (detached) term values."""
+    """Advances stateful terms from this step's (detached) term values and state inputs.
+
+    The terms' state inputs (:data:`STATE_INPUTS`) are removed from ``metrics`` when it is a
+    mutable mapping (the train step's dict), so that the metrics it logs are all scalars.
+
+    With gradient accumulation the train step averages its metrics over the micro-batches,
+    state inputs included: a term then sees the micro-batches' mean (see the term's docs).
+    """
+    state_inputs = (metrics.pop(STATE_INPUTS, None) if isinstance(metrics, MutableMapping)
+                    else metrics.get(STATE_INPUTS)) or {}
     new = dict(state)
     for t in self.terms:
-      if t.term.update_state is not None:
+      if t.stateful and t.term.update_state is not None:
         value = jax.lax.stop_gradient(metrics[f"loss/{t.name}"])
-        new[t.name] = t.term.update_state(state[t.name], value, step, **t.options)
+        extra = {}
+        if t.name in state_inputs:
+          extra["state_inputs"] = jax.tree.map(jax.lax.stop_gradient, state_inputs[t.name])
+        new[t.name] = t.term.update_state(state[t.name], value, step, **extra, **t.options)
     return new
 
 
@@ -524,5 +557,8 @@ def build_objective(spec: Mapping[str, Any]) -> Objective:
                        f" {weight!r}.")
     term = LOSS_TERMS[term_name]
     _check_options(name, term, options)
-    bound.append(_BoundTerm(name=name, term=term, weight=float(weight), options=options))
+    stateful = (term.init_state is not None
+                and jax.eval_shape(lambda t=term, o=options: t.init_state(**o)) is not None)
+    bound.append(_BoundTerm(name=name, term=term, weight=float(weight), options=options,
+                            stateful=stateful))
   return Objective(terms=tuple(bound))

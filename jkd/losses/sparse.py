@@ -128,7 +128,7 @@ def sparse_divergence(student_logits: Array, teacher_ids: Array, teacher_logprob
     teacher_logprobs: ``[..., k]`` teacher log-probabilities at those ids, at temperature 1
       (any float dtype; float16 is typical).
     divergence: one of ``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
-      ``skew_reverse_kl``, ``total_variation``, ``adaptive_kl``, ``taid``.
+      ``skew_reverse_kl``, ``total_variation``, ``adaptive_kl``, ``balanced_kl``, ``taid``.
     tail: add the remaining-mass bin (ignored when ``k == vocab``).
     teacher_tail_logprob: optional ``[...]`` log of the teacher's remaining mass, as stored by a
       cache (more accurate than recomputing it from float16 log-probs).
