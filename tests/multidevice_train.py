@@ -9,7 +9,7 @@ import sys
 import jax
 
 from jkd import train
-from tiny_run import three_steps, tiny_step
+from tiny_run import teachers_step, three_steps, tiny_step
 
 
 PLAIN = {"generalized_jsd": {"beta": 0.5}, "cross_entropy": 0.1}
@@ -21,6 +21,14 @@ FUSED = {"generalized_jsd": {"beta": 0.5, "fused": True, "chunk_size": 4},
 def run(mesh_shape, devices, objective=PLAIN, **kwargs):
   mesh = train.make_mesh(mesh_shape, devices)
   state, tparams, step, bs, toks, labels = tiny_step(mesh, objective, **kwargs)
+  batch = jax.device_put({"tokens": toks, "labels": labels}, bs)
+  return three_steps(state, step, batch, tparams)
+
+
+def run_teachers(mesh_shape, devices):
+  """Two teachers of different shapes mixed by a learned gate (jkd.train.teachers)."""
+  mesh = train.make_mesh(mesh_shape, devices)
+  state, tparams, step, bs, toks, labels = teachers_step(mesh)
   batch = jax.device_put({"tokens": toks, "labels": labels}, bs)
   return three_steps(state, step, batch, tparams)
 
@@ -56,4 +64,7 @@ if __name__ == "__main__":
   # The sampler traced inside the activation constraints (as the on-policy source runs it),
   # greedy: the same tokens on one device and on sharded meshes.
   results["sampler"] = {str(shape): sample(shape) for shape in ((1, 1, 1), (8, 1, 1), (2, 2, 2))}
+  # Several teachers, each in its own shardings, mixed by a gate: the same numbers sharded.
+  results["teachers"] = {"single": run_teachers((1, 1, 1), jax.devices()[:1])}
+  results["teachers"]["(2, 2, 2)"] = run_teachers((2, 2, 2), jax.devices())
   json.dump(results, sys.stdout)

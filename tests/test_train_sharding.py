@@ -22,6 +22,16 @@ def test_meshes_give_the_same_metrics_as_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout)
   samples = results.pop("sampler")
+  teachers = results.pop("teachers")  # Several teachers (jkd.train.teachers), gate-mixed.
+  reference = teachers.pop("single")
+  assert len(teachers) == 1 and reference[-1]["loss/total"] != reference[0]["loss/total"]
+  assert reference[-1]["teachers/share/0"] != 0.5  # The gate moved.
+  for shape, steps in teachers.items():
+    for ref, got in zip(reference, steps, strict=True):
+      assert ref.keys() == got.keys()
+      for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"teachers {shape} {k}")
   assert len(samples) == 3 and all(s == samples["(1, 1, 1)"] for s in samples.values()), samples
   assert len(set(map(tuple, samples["(1, 1, 1)"]))) > 1  # Different prompts, different tokens.
   references = {"": results.pop("single"), "engine ": results.pop("engine single")}

@@ -60,3 +60,42 @@ def three_steps(state, step, batch, tparams) -> list[dict[str, float]]:
     state, m = step(state, batch, jax.random.key(2), tparams)
     out.append({k: float(v) for k, v in m.items()})
   return out
+
+
+def teachers_step(mesh):
+  """:func:`tiny_step` with two teachers of different shapes (their own shardings) mixed by a
+  learned gate (:mod:`jkd.train.teachers`): ``(state, teachers' params, step, batch sharding,
+  tokens, labels)``, traced inside the activation constraints as the engine does."""
+  from jkd.train import teachers  # pylint: disable=import-outside-toplevel
+  tcfgs = (models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                              num_heads=4, num_kv_heads=2),
+           models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=128,
+                              num_layers=2, num_heads=4, num_kv_heads=2))
+  tparams = [jax.jit(models.init_params, static_argnums=0)(c, jax.random.key(i))
+             for i, c in enumerate(tcfgs)]
+  scfg, sparams = models.student_from_teacher(tparams[0], tcfgs[0], every=2)
+  routing = teachers.Routing("gate", 2)
+  obj = losses.build_objective({"generalized_jsd": {"beta": 0.5}, "cross_entropy": 0.1})
+  opt, sched = train.make_optimizer({"lr": 1e-2, "warmup_steps": 1}, 10)
+  gate = {teachers.GATE: teachers.init_gate(scfg.hidden_size, 2)}
+  ps = train.shardings_for(jax.eval_shape(lambda: sparams), models.param_axes(scfg), mesh)
+  pt = tuple(train.shardings_for(jax.eval_shape(lambda p=p: p), models.param_axes(c), mesh)
+             for p, c in zip(tparams, tcfgs))
+  abstract = jax.eval_shape(lambda p, g: train.init_state(p, opt, obj, g), sparams, gate)
+  ss = train.state_shardings(abstract, ps, opt, mesh)
+  state = jax.jit(lambda p, g: train.init_state(p, opt, obj, g), out_shardings=ss)(
+      put(sparams, ps), gate)
+  bs = train.batch_sharding(mesh)
+  fn = train.make_train_step(student_config=scfg, teacher_config=tcfgs, objective=obj,
+                             optimizer=opt, schedule=sched, routing=routing)
+
+  def traced(*args):
+    with partitioning.activation_sharding(mesh, train.DEFAULT_RULES):
+      return fn(*args)
+
+  step = jax.jit(traced, in_shardings=(ss, bs, None, pt), out_shardings=(ss, None),
+                 donate_argnums=0)
+  toks = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 64))
+  labels = np.roll(toks, -1, 1)
+  labels[:, -1] = -100
+  return state, tuple(put(p, s) for p, s in zip(tparams, pt)), step, bs, toks, labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -26,6 +27,7 @@ from jkd.data import tokenizers
 from jkd.train import checkpoint as ckpt_lib
 from jkd.train import sharding
 from jkd.train import storage
+from jkd.train import teachers as teachers_lib
 from jkd.train.step import TrainState, init_state, init_term_params
 
 PyTree = Any
@@ -126,11 +128,50 @@ def teacher_spec(cfg) -> TeacherSpec:
   return built._replace(config=built.config.replace(dtype=cfg.teacher.dtype))
 
 
+def _spec_teacher(cfg, spec: str) -> TeacherSpec:
+  """A teacher named by a model spec (``random`` takes ``teacher.model``; ``random:{json}`` its
+  own config and ``"seed"``), not yet in a compute dtype."""
+  if spec == "random":
+    return TEACHER_SOURCES["random"](cfg, "")
+  kind, arg = model_spec.parse_spec(spec)
+  if kind == "random":
+    config = model_spec.model_config(spec)
+    seed = int(json.loads(arg).get("seed", 0))
+    return TeacherSpec(config, lambda shardings: jax.jit(
+        lambda k: models.init_params(config, k), out_shardings=shardings)(jax.random.key(seed)))
+  if kind in ("hf", "gguf"):
+    arg = storage.localize(arg, cfg.data.cache_dir)
+  return TEACHER_SOURCES[kind](cfg, arg)
+
+
+def extra_teacher_specs(cfg) -> tuple[tuple[TeacherSpec, str], ...]:
+  """Teachers ``1 .. N-1`` of a several-teacher run (``teachers.specs``, see
+  :mod:`jkd.train.teachers`): ``(spec in its compute dtype, parameter dtype)`` each. A
+  ``random`` teacher is drawn from ``Run.teacher_key(i)`` when it is built.
+
+  Raises:
+    ValueError: a bad model spec, naming the forms it can take.
+  """
+  out = []
+  for spec, dtype, param_dtype in teachers_lib.extra_teachers(cfg):
+    built = _spec_teacher(cfg, spec)
+    out.append((built._replace(config=built.config.replace(dtype=dtype)), param_dtype))
+  return tuple(out)
+
+
 class Teacher(NamedTuple):
-  """The teacher: sharded parameters (never donated, never checkpointed) and its config."""
-  config: models.ModelConfig
+  """The teacher: sharded parameters (never donated, never checkpointed) and its config. With
+  several teachers (:func:`combine_teachers`) each field is a tuple, one entry per teacher."""
+  config: models.ModelConfig | tuple
   params: PyTree
   shardings: PyTree
+
+
+def combine_teachers(teachers: list[Teacher]) -> Teacher:
+  """One :class:`Teacher` of tuples (configs, params, shardings) from several, in order: what the
+  step of a several-teacher run takes."""
+  return Teacher(tuple(t.config for t in teachers), tuple(t.params for t in teachers),
+                 tuple(t.shardings for t in teachers))
 
 
 @functools.lru_cache(maxsize=16)
@@ -351,14 +392,23 @@ def state_shardings(config: models.ModelConfig, optimizer: optax.GradientTransfo
 
 def term_params(objective: losses.Objective, key: jax.Array,
                 student_config: models.ModelConfig,
-                teacher_config: models.ModelConfig | None) -> PyTree:
+                teacher_config: models.ModelConfig | tuple | None, *,
+                routing: teachers_lib.Routing | None = None) -> PyTree:
   """The loss terms' trainable parameters (e.g. ``hidden_state`` projections between widths),
   from the models' shapes alone (no weights read); ``teacher_config`` None: no teacher in the
-  step. Under ``jax.eval_shape`` it gives their shapes."""
+  step. Under ``jax.eval_shape`` it gives their shapes. Several teachers (``routing``): the
+  terms see no single teacher, and a ``gate`` routing adds the gate's parameters under
+  :data:`jkd.train.teachers.GATE` (zeros: uniform weights)."""
+  if routing is not None:
+    teacher_config = None
   teacher_params = None if teacher_config is None else abstract_params(teacher_config)[0]
-  return init_term_params(objective, key, params=abstract_params(student_config)[0],
-                          teacher_params=teacher_params, student_config=student_config,
-                          teacher_config=teacher_config)
+  params = init_term_params(objective, key, params=abstract_params(student_config)[0],
+                            teacher_params=teacher_params, student_config=student_config,
+                            teacher_config=teacher_config)
+  if routing is not None and routing.kind == "gate":
+    params = {**params, teachers_lib.GATE: teachers_lib.init_gate(student_config.hidden_size,
+                                                                  routing.num_teachers)}
+  return params
 
 
 def create_state(params: PyTree, optimizer: optax.GradientTransformation,

@@ -39,6 +39,7 @@ from jkd.train import sharding
 from jkd.train import sources
 from jkd.train import stopping
 from jkd.train import storage
+from jkd.train import teachers as teachers_lib
 from jkd.train.distributed import Preemption, initialize_distributed
 from jkd.errors import NonFiniteError
 from jkd.train.progress import StepMonitor
@@ -132,10 +133,23 @@ def _student_needs_teacher(cfg) -> bool:
   return cfg.student.source in ("layers", "prune") and not cfg.student.init_from
 
 
+def _all_teachers(run: setup_lib.Run, first: build.Teacher) -> build.Teacher:
+  """Teacher 0 (``first``, frozen) and teachers ``1 .. N-1`` built and frozen in their own
+  parameter dtypes, as one :class:`jkd.train.build.Teacher` of tuples."""
+  out = [first]
+  for i, (spec, dtype) in enumerate(zip(run.teacher_specs[1:], run.teacher_param_dtypes[1:]),
+                                    start=1):
+    out.append(build.freeze_teacher(build.build_teacher(spec, run.mesh, run.rules,
+                                                        run.teacher_key(i)), dtype))
+  return build.combine_teachers(out)
+
+
 def _initial_state(run: setup_lib.Run, checkpointer, teacher, train_source, student_params):
   """``(state, start step, whether restored, step teacher)``: the newest checkpoint's state (its
   data position given to ``train_source``) or a fresh one; the teacher is built only when the
-  step or a fresh ``layers`` student needs it, and frozen in ``teacher.param_dtype``."""
+  step or a fresh ``layers`` student needs it, and frozen in ``teacher.param_dtype``. With
+  several teachers the step teacher holds them all (teacher 0 alone is bound to the source and
+  makes a ``layers`` student)."""
   cfg = run.config
   restored = checkpointer.restore(run.abstract_state)
   built, teacher = teacher, None  # teacher.online=False: only a `layers` student's init.
@@ -163,6 +177,8 @@ def _initial_state(run: setup_lib.Run, checkpointer, teacher, train_source, stud
                                run.term_params())
   if run.online:
     teacher = build.freeze_teacher(teacher, cfg.teacher.param_dtype)
+    if run.routing is not None:
+      teacher = _all_teachers(run, teacher)
   else:  # Dropped: the step receives None and reads a sparse teacher from the batch.
     teacher = build.Teacher(run.teacher_spec.config, None, None)
   return state, start, restored is not None, teacher
@@ -191,7 +207,7 @@ class _Training:
     self.placer = sharding.BatchPlacer(run.mesh, run.rules)
     common = dict(student_config=run.student_config, teacher=teacher,
                   params_shardings=run.state_shardings.params, replicated=run.replicated,
-                  max_batches=int(cfg.eval.batches))
+                  max_batches=int(cfg.eval.batches), routing=run.routing)
     self.evaluators = [eval_lib.Evaluator(eval_source, self.placer, **common),
                        eval_lib.Evaluator(golden_source, self.placer, **common,
                                           prefix="golden/")]
@@ -200,11 +216,12 @@ class _Training:
     self.compiled = None
     self.first_batch = first_batch  # Fetched (and checked) before the workdir was written.
 
-  def evaluate(self, params) -> dict[str, float] | None:
-    """Eval and golden metrics of ``params`` (None without an eval source)."""
+  def evaluate(self, params, term_params=None) -> dict[str, float] | None:
+    """Eval and golden metrics of ``params`` (None without an eval source); ``term_params``
+    holds the teachers' gate, if any."""
     metrics = None
     for evaluator in self.evaluators:
-      found = evaluator(params)
+      found = evaluator(params, term_params)
       if found is not None:
         metrics = {**(metrics or {}), **found}
     return metrics
@@ -231,6 +248,7 @@ class _Training:
     else:
       self.source.before_batch(state.params)  # On-policy sources sample from the student.
       batch = next(self.source)
+      teachers_lib.check_batch(batch, self.run.routing)
     if self.compiled is None:
       self.compile(batch)
     return self.compiled(state, self.placer.place(batch, self.batch_shardings), self.step_key,
@@ -247,7 +265,7 @@ class _Training:
     self.check_finite(step)
     eval_metrics = None
     if do_eval:
-      eval_metrics = self.evaluate(state.params)
+      eval_metrics = self.evaluate(state.params, state.term_params)
       if eval_metrics is not None:
         self.writer.write(step, eval_metrics)
         self.hacking.update(step, eval_metrics)
@@ -275,7 +293,7 @@ class _Training:
     """Steps from ``start`` to ``train.steps``; the result dict of :func:`train`."""
     self.monitor.streak = int(jax.device_get(state.nan_streak))
     if start == 0 and not restored and self.run.config.eval.get("at_start", False):
-      initial = self.evaluate(state.params)  # The initial student, logged at step 0.
+      initial = self.evaluate(state.params, state.term_params)  # The initial student, step 0.
       if initial is not None:
         self.writer.write(0, initial)
       self.monitor.restart_clock()
@@ -353,7 +371,8 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
   run = setup_lib.setup(config, teacher_config=None if teacher is None else teacher.config)
   resumed = check_resume(config, workdir, allow_config_change)
   if train_source is None:  # The config's data.
-    setup_lib.check_seq_len(config, run.teacher_spec.config, run.student_config)
+    setup_lib.check_seq_len(config, run.teacher_spec.config, run.student_config,
+                            *(s.config for s in run.teacher_specs[1:]))
   train_source, eval_source = _batch_sources(run, train_source, eval_source)
   workdir = storage.resolve(workdir)
   with contextlib.ExitStack() as cleanup:
@@ -371,6 +390,11 @@ def _train(config, workdir: str, *, train_source, eval_source, golden_source, te
       if not run.online:
         check_teacher_free(run.objective, state.params, first,
                            student_config=run.student_config)
+      teachers_lib.check_batch(first, run.routing)
+    first_eval = (next(iter(eval_source.one_epoch()), None)
+                  if eval_source is not None and run.routing is not None else None)
+    if first_eval is not None:
+      teachers_lib.check_batch(first_eval, run.routing, what="the eval data")
     _workdir(config, workdir, resumed, allow_config_change)
     training = _Training(run, workdir, cleanup, train_source=train_source,
                          eval_source=eval_source, golden_source=golden_source, teacher=teacher,

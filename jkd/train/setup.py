@@ -33,6 +33,7 @@ from jkd.train import build
 from jkd.train import evaluate as eval_lib
 from jkd.train import sharding
 from jkd.train import storage
+from jkd.train import teachers as teachers_lib
 from jkd.train.step import TrainState, make_optimizer, make_train_step
 
 PyTree = Any
@@ -116,9 +117,11 @@ def check_batch(cfg, mesh: Mesh, rules) -> None:
 
 def check_seq_len(cfg, *model_configs: models.ModelConfig) -> None:
   """``data.seq_len`` must not exceed the models' ``max_position_embeddings`` (for runs that
-  read the config's data; a source passed to :func:`jkd.train.train` has its own length)."""
+  read the config's data; a source passed to :func:`jkd.train.train` has its own length).
+  ``model_configs``: the teacher, the student, then any further teachers."""
   seq_len = int(cfg.data.seq_len)
-  for name, model in zip(("teacher", "student"), model_configs):
+  names = ("teacher", "student") + tuple(f"teacher {i}" for i in range(1, len(model_configs)))
+  for name, model in zip(names, model_configs):
     if seq_len > model.max_position_embeddings:
       raise ValueError(f"data.seq_len {seq_len} is longer than the {name}'s"
                        f" max_position_embeddings ({model.max_position_embeddings}): lower"
@@ -133,12 +136,17 @@ class Run:
     config: the run's config.
     mesh, rules: the device mesh and the logical-axis rules.
     key: the run's seed key (``fold_in`` it with :data:`TEACHER_KEY`, ...).
-    teacher_spec: the teacher's config and weight loader (:class:`jkd.train.build.TeacherSpec`).
+    teacher_spec: the teacher's config and weight loader (:class:`jkd.train.build.TeacherSpec`);
+      with several teachers, teacher 0's.
     student_config: the student's config.
     objective, optimizer, schedule: what the step optimises, and how.
     online: whether the teacher runs inside the step (``teacher.online``).
     abstract_state: the train state's shapes, each leaf carrying its sharding.
     state_shardings: the train state's shardings.
+    routing: how several teachers are combined (:class:`jkd.train.teachers.Routing`), or None
+      for one teacher.
+    teacher_specs: every teacher's spec, teacher 0 (``teacher_spec``) first.
+    teacher_param_dtypes: every teacher's frozen parameter dtype.
   """
   config: Any
   mesh: Mesh
@@ -152,36 +160,59 @@ class Run:
   online: bool
   abstract_state: TrainState
   state_shardings: TrainState
+  routing: teachers_lib.Routing | None = None
+  teacher_specs: tuple = ()
+  teacher_param_dtypes: tuple = ()
 
   @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
   @property
-  def step_teacher_config(self) -> models.ModelConfig | None:
-    """The teacher inside the step (parameters in ``teacher.param_dtype``), or None."""
+  def step_teacher_config(self) -> models.ModelConfig | tuple | None:
+    """The teacher inside the step (parameters in ``teacher.param_dtype``), or None; with
+    several teachers a tuple of their configs (each in its own parameter dtype)."""
     if not self.online:
       return None
+    if self.routing is not None:
+      return tuple(s.config.replace(param_dtype=d)
+                   for s, d in zip(self.teacher_specs, self.teacher_param_dtypes))
     return self.teacher_spec.config.replace(param_dtype=self.config.teacher.param_dtype)
 
+  def teacher_key(self, index: int = 0) -> jax.Array:
+    """The init key of teacher ``index`` (a random teacher): teacher 0's is the run's teacher
+    key, teacher ``i``'s that key folded with ``i``."""
+    key = jax.random.fold_in(self.key, TEACHER_KEY)
+    return key if index == 0 else jax.random.fold_in(key, index)
+
   def teacher_shardings(self) -> PyTree | None:
-    """Shardings of the step's teacher parameters (None without a teacher in the step)."""
+    """Shardings of the step's teacher parameters (None without a teacher in the step; a
+    tuple with several teachers)."""
     config = self.step_teacher_config
+    if isinstance(config, tuple):
+      return tuple(build.param_shardings(c, self.mesh, self.rules) for c in config)
     return None if config is None else build.param_shardings(config, self.mesh, self.rules)
 
   def abstract_teacher(self) -> PyTree | None:
-    """The step's teacher parameters as sharded ``ShapeDtypeStruct`` leaves (or None)."""
+    """The step's teacher parameters as sharded ``ShapeDtypeStruct`` leaves (or None; a tuple
+    with several teachers)."""
     config = self.step_teacher_config
     if config is None:
       return None
-    dtype = jnp.dtype(config.param_dtype)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
-                        build.abstract_params(config)[0], self.teacher_shardings())
+    configs = config if isinstance(config, tuple) else (config,)
+    shardings = self.teacher_shardings()
+    shardings = shardings if isinstance(config, tuple) else (shardings,)
+    out = tuple(jax.tree.map(
+        lambda a, s, c=c: jax.ShapeDtypeStruct(a.shape, jnp.dtype(c.param_dtype), sharding=s),
+        build.abstract_params(c)[0], sh) for c, sh in zip(configs, shardings))
+    return out if isinstance(config, tuple) else out[0]
 
   def term_params(self) -> PyTree:
-    """The loss terms' initial trainable parameters (:func:`jkd.train.build.term_params`)."""
+    """The loss terms' initial trainable parameters (:func:`jkd.train.build.term_params`), and
+    the teachers' gate's (``routing="gate"``)."""
     return build.term_params(self.objective, jax.random.fold_in(self.key, TERMS_KEY),
-                             self.student_config, self.step_teacher_config)
+                             self.student_config, self.step_teacher_config,
+                             routing=self.routing)
 
   def step_key(self) -> jax.Array:
     """The replicated base key of the per-step keys."""
@@ -195,7 +226,8 @@ class Run:
                               teacher_config=self.step_teacher_config,
                               objective=self.objective, optimizer=self.optimizer,
                               schedule=self.schedule,
-                              grad_accum=int(self.config.train.grad_accum))
+                              grad_accum=int(self.config.train.grad_accum),
+                              routing=self.routing if self.online else None)
 
     def step(state, batch, step_key, teacher_params):
       with partitioning.activation_sharding(self.mesh, self.rules):  # Traced on this mesh.
@@ -213,7 +245,8 @@ class Run:
   def lower(self, batch_shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, Any]
             | None = None):
     """The step lowered for global batches of ``batch_shapes`` (int32 unless ``dtypes`` says
-    otherwise), from shapes alone: ``.compile()`` it for this mesh's devices."""
+    otherwise), from shapes alone: ``.compile()`` it for this mesh's devices. With
+    ``teachers.routing='field'`` include the routing field (e.g. ``"domain": (batch,)``)."""
     dtypes = dict(dtypes or {})
     batch = {k: jax.ShapeDtypeStruct(tuple(s), dtypes.get(k, jnp.int32),
                                      sharding=sharding.batch_sharding(self.mesh, self.rules,
@@ -233,15 +266,18 @@ def setup(config, *, teacher_config: models.ModelConfig | None = None,
   Args:
     config: a training config (:func:`jkd.train.config.default_config` keys).
     teacher_config: the teacher's config when its weights are already built (then its
-      ``teacher.source`` is not read again).
+      ``teacher.source`` is not read again; with several teachers, teacher 0's).
     devices: the devices of the mesh (default ``jax.devices()``; e.g. the devices of a TPU
       topology to compile for).
 
   Raises:
-    ValueError: a bad config, named by its key.
+    ValueError: a bad config, named by its key (several teachers: also a teacher list whose
+      vocabularies differ without a cross-tokenizer term, or a term that needs one teacher's
+      features; :mod:`jkd.train.teachers`).
   """
   cfg = config
   check_config(cfg)
+  routing = teachers_lib.routing_from_config(cfg)  # (reads no model)
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
   rules = sharding.DEFAULT_RULES
   check_batch(cfg, mesh, rules)
@@ -249,16 +285,28 @@ def setup(config, *, teacher_config: models.ModelConfig | None = None,
           else build.teacher_spec(cfg))  # (a GGUF spec reads the file)
   student_config = build.student_config(cfg, spec.config)
   objective = losses.build_objective(cfg.objective)
+  specs, param_dtypes = (spec,), (str(cfg.teacher.param_dtype),)
+  if routing is not None:
+    teachers_lib.check_objective(objective, routing)
+    extra = build.extra_teacher_specs(cfg)
+    specs += tuple(s for s, _ in extra)
+    param_dtypes += tuple(d for _, d in extra)
+    teachers_lib.check_vocabularies([s.config.vocab_size for s in specs],
+                                    student_config.vocab_size,
+                                    cross_tokenizer=build.cross_tokenizer(objective),
+                                    routing=routing)
   build.check_tokenizers(cfg, objective, spec.config, student_config)
   optimizer, schedule = make_optimizer(cfg.optimizer.to_dict(), int(cfg.train.steps))
   key = jax.random.key(int(cfg.seed))
   online = bool(cfg.teacher.online)
   terms_teacher = spec.config if online else None
   term_shapes = jax.eval_shape(lambda: build.term_params(
-      objective, jax.random.fold_in(key, TERMS_KEY), student_config, terms_teacher))
+      objective, jax.random.fold_in(key, TERMS_KEY), student_config, terms_teacher,
+      routing=routing))
   abstract_state, state_shardings = build.state_shardings(student_config, optimizer, objective,
                                                           mesh, rules, term_shapes)
   return Run(config=cfg, mesh=mesh, rules=rules, key=key, teacher_spec=spec,
              student_config=student_config, objective=objective, optimizer=optimizer,
              schedule=schedule, online=online, abstract_state=abstract_state,
-             state_shardings=state_shardings)
+             state_shardings=state_shardings, routing=routing, teacher_specs=specs,
+             teacher_param_dtypes=param_dtypes)

@@ -107,7 +107,8 @@ def _run(cfg, workdir: str, allow_config_change: Sequence[str]) -> dict[str, Any
   models = _Models(cfg) if prepare is not None or bool(cfg.report.enabled) else None
   if models is not None:  # (Without: train() checks everything before writing.)
     run = setup_lib.setup(cfg, teacher_config=models.teacher.config)
-    setup_lib.check_seq_len(cfg, run.teacher_spec.config, run.student_config)
+    setup_lib.check_seq_len(cfg, run.teacher_spec.config, run.student_config,
+                            *(s.config for s in run.teacher_specs[1:]))
   kwargs, facts, timings, held = {}, {}, {}, []
   if prepare is not None:
     stopping.check()

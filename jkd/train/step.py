@@ -4,7 +4,9 @@ One step serves every objective: distillation with the teacher inside the step (
 a separate, never-donated argument), distillation from a cached sparse teacher in the batch, and
 any other term of :func:`jkd.losses.build_objective`. The step is ``(state, batch, rng,
 teacher_params) -> (state, metrics)`` with the state donated; a non-finite loss or gradient
-skips the update and is counted.
+skips the update and is counted. With several teachers (``routing``,
+:mod:`jkd.train.teachers`) ``teacher_params`` is a tuple, one tree per teacher, and the
+objective reads the routed mixture as ``teacher_logits``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jkd import losses
 from jkd import models
 from jkd.partitioning import constrain
 from jkd.train import preference_step
+from jkd.train import teachers as teachers_lib
 
 PyTree = Any
 
@@ -121,13 +124,22 @@ def init_term_params(objective: losses.Objective, key: jax.Array, *, params: PyT
 def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
                  student_config: models.ModelConfig,
                  teacher_config: models.ModelConfig | None,
-                 objective: losses.Objective) -> tuple[dict[str, Any], jax.Array]:
+                 objective: losses.Objective,
+                 routing: teachers_lib.Routing | None = None,
+                 gate_params: PyTree | None = None) -> tuple[dict[str, Any], jax.Array]:
   """Runs the student (and the teacher, when given) and gathers the objective's inputs.
 
   A preference batch (``chosen_tokens``, ...) or a KTO batch (``desirable``) goes to
   :func:`jkd.train.preference_step.preference_inputs`; any other batch is a language-model batch.
+  With ``routing`` (several teachers), ``teacher_params`` and ``teacher_config`` are tuples and
+  the inputs hold the routed mixture (:func:`jkd.train.teachers.routed_teacher_inputs`, with the
+  gate's ``gate_params``) as ``teacher_logits``, plus ``routing_weights`` and
+  ``routing_label_logprobs``.
   """
   if preference_step.is_preference_batch(batch):
+    if routing is not None:
+      raise ValueError("several teachers (the teachers section) distil on language-model"
+                       " batches; this is a preference batch: train it with one teacher.")
     return preference_step.preference_inputs(
         params, teacher_params, batch, student_config=student_config,
         teacher_config=teacher_config, objective=objective, fused=_needs(objective)["fused"])
@@ -147,7 +159,12 @@ def model_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[s
       "teacher_tail_logprob": batch.get("teacher_tail_logprob"),
       "teacher_index": batch.get("teacher_index"),
   }
-  if teacher_params is not None:
+  if teacher_params is not None and routing is not None:
+    inputs.update(teachers_lib.routed_teacher_inputs(
+        teacher_params, teacher_config, batch, routing=routing, student_hidden=s.hidden,
+        mask=losses.token_mask(inputs), student_vocab=student_config.vocab_size,
+        gate_params=gate_params))
+  elif teacher_params is not None:
     t = models.apply(teacher_params, batch.get("teacher_tokens", batch["tokens"]),
                      config=teacher_config,
                      return_logits=not need["fused"], output_hidden_states=need["hidden_states"],
@@ -206,9 +223,11 @@ def batch_metrics(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 
 def make_train_step(*, student_config: models.ModelConfig,
-                    teacher_config: models.ModelConfig | None, objective: losses.Objective,
+                    teacher_config: models.ModelConfig | tuple | None,
+                    objective: losses.Objective,
                     optimizer: optax.GradientTransformation, schedule: Callable,
-                    grad_accum: int = 1) -> Callable:
+                    grad_accum: int = 1,
+                    routing: teachers_lib.Routing | None = None) -> Callable:
   """The pure train step ``(state, batch, rng, teacher_params) -> (state, metrics)``.
 
   ``batch`` holds ``tokens``, ``labels`` (``-100`` where no loss), and optionally
@@ -220,15 +239,28 @@ def make_train_step(*, student_config: models.ModelConfig,
   averaged: micro-batch ``j`` holds rows ``j, j + grad_accum, ...``, so each device's own rows
   are split (its memory falls) and no rows move between devices. Jit it with
   ``donate_argnums=0``.
+
+  Several teachers (``routing``, :mod:`jkd.train.teachers`): ``teacher_config`` and the step's
+  ``teacher_params`` are tuples (one per teacher), the objective reads their routed mixture, a
+  gate's parameters are ``state.term_params["teachers_gate"]`` (its fitting loss is added to
+  the total; it reaches no student parameter), and the step logs ``teachers/share/<i>`` (and
+  ``teachers/gate_nll``).
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1 (got {grad_accum}).")
 
   def loss_fn(trainable, batch, teacher_params, objective_state):
     params, term_params = trainable
+    gate = term_params.get(teachers_lib.GATE) if routing is not None else None
     inputs, aux = model_inputs(params, teacher_params, batch, student_config=student_config,
-                               teacher_config=teacher_config, objective=objective)
+                               teacher_config=teacher_config, objective=objective,
+                               routing=routing, gate_params=gate)
     total, metrics = objective(inputs, objective_state, term_params)
+    if routing is not None and teacher_params is not None:
+      gate_loss, routing_metrics = teachers_lib.routing_loss(inputs, routing,
+                                                             losses.token_mask(inputs))
+      total = total + gate_loss
+      metrics.update(routing_metrics)
     if student_config.num_experts:
       metrics["loss/moe_aux"] = aux
     metrics["train/tokens"] = preference_step.completion_tokens(batch, inputs)
@@ -252,17 +284,23 @@ def make_train_step(*, student_config: models.ModelConfig,
 
       def body(carry, mb):
         (t, m), g = grad_fn(trainable, mb, teacher_params, state.objective_state)
-        return jax.tree.map(jnp.add, carry, (t, m, g)), None
+        # Per-example arrays a stateful term keeps (CRD's memory bank) are stacked, not summed.
+        kept = m.pop(losses.STATE_INPUTS, None)
+        return jax.tree.map(jnp.add, carry, (t, m, g)), kept
 
       zeros = jax.eval_shape(lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro),
                                              teacher_params, state.objective_state))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (total, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
-                                                micro)
+      zeros[0][1].pop(losses.STATE_INPUTS, None)
+      (total, metrics, grads), kept = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
+                                                   micro)
       tokens = metrics["train/tokens"]
       total, grads = total / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
       metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
       metrics["train/tokens"] = tokens
+      if kept is not None:  # [A, n, ...] -> [A * n, ...]: every micro-batch's rows.
+        metrics[losses.STATE_INPUTS] = jax.tree.map(
+            lambda x: x.reshape((-1,) + x.shape[2:]), kept)
     grads, term_grads = grads
     grad_norm = optax.global_norm(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -306,27 +344,34 @@ def flops_per_token(config: models.ModelConfig, seq_len: int) -> float:
   return config.num_layers * per_layer + 2 * h * v
 
 
-def step_flops(student: models.ModelConfig, teacher: models.ModelConfig | None,
+def _teacher_flops(teacher: models.ModelConfig | tuple | None, seq_len: int) -> float:
+  """Forward FLOPs per token of the teacher, or of every teacher (a tuple)."""
+  if teacher is None:
+    return 0.0
+  configs = teacher if isinstance(teacher, tuple) else (teacher,)
+  return sum(flops_per_token(c, seq_len) for c in configs)
+
+
+def step_flops(student: models.ModelConfig, teacher: models.ModelConfig | tuple | None,
                tokens: int, seq_len: int) -> float:
-  """Model FLOPs of one train step: student forward+backward (3x), teacher forward (1x)."""
-  total = 3 * flops_per_token(student, seq_len) * tokens
-  if teacher is not None:
-    total += flops_per_token(teacher, seq_len) * tokens
-  return total
+  """Model FLOPs of one train step: student forward+backward (3x), teacher forward (1x; every
+  teacher's when ``teacher`` is a tuple)."""
+  return (3 * flops_per_token(student, seq_len) + _teacher_flops(teacher, seq_len)) * tokens
 
 
 def batch_work(batch_shapes: Mapping[str, tuple[int, ...]], student: models.ModelConfig,
-               teacher: models.ModelConfig | None, objective: losses.Objective,
+               teacher: models.ModelConfig | tuple | None, objective: losses.Objective,
                processes: int = 1) -> tuple[int, float]:
   """``(tokens, model FLOPs)`` of one train step on batches of these per-process shapes.
 
   Tokens are the student's input tokens (both sequences of a preference pair); FLOPs are the
   student's forward+backward (3x) and the teacher's forward where it runs (a language-model
-  batch, or a preference batch whose reference comes from the teacher).
+  batch, or a preference batch whose reference comes from the teacher); every teacher's when
+  ``teacher`` is a tuple (several teachers).
   """
   rows, teacher_rows, seq = preference_step.work(batch_shapes, objective)
   tokens = rows * processes * seq
   flops = step_flops(student, None, tokens, seq)
   if teacher is not None and teacher_rows:
-    flops += flops_per_token(teacher, seq) * teacher_rows * processes * seq
+    flops += _teacher_flops(teacher, seq) * teacher_rows * processes * seq
   return tokens, flops

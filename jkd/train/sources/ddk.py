@@ -11,6 +11,12 @@ lines carry a ``domain`` field (each domain built into its own cached TFDS datas
 :mod:`jkd.data.jsonl`, and served by a :class:`jkd.data.DataPipeline`; ``ddk.eval_fraction`` of
 each domain's lines is its eval set). The teacher comes through
 :meth:`~jkd.data.BatchSource.bind_models` once the engine has built it.
+
+Every train and eval example carries ``domain``, its domain's index (int32): the position of its
+name in ``teachers.domains`` when that is set (comma-separated names), else in the source's order
+(``d0, d1, ...`` for synthetic domains; first appearance in ``ddk.path``). Several teachers route
+by it (``teachers.routing='field'``, :mod:`jkd.train.teachers`). With ``ddk.floor=1`` the
+mixture stays uniform and no evaluation scores the domains.
 """
 
 from __future__ import annotations
@@ -100,9 +106,11 @@ class DDKSource(BatchSource):
     return self.weights.update(student, self._teacher_nll)
 
   def after_eval(self, metrics: Mapping[str, float], params: PyTree) -> None:
-    """After each evaluation: :meth:`update_weights` with the evaluated student."""
+    """After each evaluation: :meth:`update_weights` with the evaluated student (nothing when
+    ``floor`` is 1: the weights stay uniform whatever the gaps)."""
     del metrics
-    self.update_weights(params)
+    if self.weights.floor < 1.0:
+      self.update_weights(params)
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self.mixture)
@@ -122,16 +130,71 @@ class DDKSource(BatchSource):
     self.mixture.set_state(state)
 
 
-def _synthetic_domains(cfg, vocab: int):
+def domain_ids(cfg, names) -> dict[str, int]:
+  """``{domain: the int32 'domain' field of its examples}``: the index in ``teachers.domains``
+  (comma-separated names) when the config sets it, else in ``names``' order.
+
+  Raises:
+    ValueError: ``teachers.domains`` repeats a name, misses a domain of the data, or names one
+      the data does not have.
+  """
+  names = list(names)
+  order = ([s.strip() for s in str(cfg.teachers.domains).split(",")]
+           if "teachers" in cfg and str(cfg.teachers.domains).strip() else names)
+  if sorted(order) != sorted(names) or len(set(order)) != len(order):
+    raise ValueError(f"teachers.domains {order} must name every domain of the data once, in"
+                     f" teacher order; the data's domains are {names}.")
+  return {name: order.index(name) for name in names}
+
+
+def _with_domain(examples: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+  rows = len(next(iter(examples.values())))
+  return {**examples, "domain": np.full(rows, index, np.int32)}
+
+
+class _DomainField(BatchSource):
+  """A domain's batch source whose batches also carry ``domain`` (its index)."""
+
+  def __init__(self, source, index: int):
+    self.source, self.index = source, int(index)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return _with_domain(next(self.source), self.index)
+
+  def one_epoch(self) -> Iterator[dict[str, np.ndarray]]:
+    return (_with_domain(b, self.index) for b in self.source.one_epoch())
+
+  def get_state(self) -> Any:
+    return self.source.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self.source.set_state(state)
+
+
+def synthetic_domain_examples(cfg, vocab: int
+                              ) -> tuple[dict[str, dict[str, np.ndarray]],
+                                         dict[str, dict[str, np.ndarray]]]:
+  """``(train, eval)`` examples ``{domain: {"tokens", "labels", "loss_mask", "domain"}}`` of
+  the ``ddk.num_domains`` synthetic domains: domain ``d<i>`` is a bigram chain of branching
+  ``2 + i`` (seed ``data.seed * 1000 + i``), ``data.num_examples`` train and
+  ``data.eval_examples`` eval sequences of ``data.seq_len`` tokens."""
   d, n = cfg.data, int(_ddk(cfg).num_domains)
   if n < 1:
     raise ValueError(f"ddk.num_domains must be >= 1 (got {n}) for synthetic domains.")
+  ids = domain_ids(cfg, [f"d{i}" for i in range(n)])
   train, evals = {}, {}
   for i in range(n):
-    ex = synthetic_lm_examples(d.num_examples + d.eval_examples, d.seq_len, vocab,
-                               seed=int(d.seed) * 1000 + i, branching=2 + i)
+    ex = _with_domain(synthetic_lm_examples(d.num_examples + d.eval_examples, d.seq_len, vocab,
+                                            seed=int(d.seed) * 1000 + i, branching=2 + i),
+                      ids[f"d{i}"])
     train[f"d{i}"] = {k: v[:d.num_examples] for k, v in ex.items()}
     evals[f"d{i}"] = {k: v[d.num_examples:] for k, v in ex.items()}
+  return train, evals
+
+
+def _synthetic_domains(cfg, vocab: int):
+  train, evals = synthetic_domain_examples(cfg, vocab)
+  d = cfg.data
   sources = {name: ArraySource(ex, int(d.batch_size), seed=int(d.seed))
              for name, ex in train.items()}
   return sources, evals
@@ -176,7 +239,7 @@ def _batches_to_examples(batches) -> dict[str, np.ndarray]:
   if not batches:
     raise ValueError("a domain has no eval batches: raise ddk.eval_fraction or the data.")
   return {k: np.concatenate([np.asarray(b[k]) for b in batches])
-          for k in ("tokens", "labels", "loss_mask") if k in batches[0]}
+          for k in ("tokens", "labels", "loss_mask", "domain") if k in batches[0]}
 
 
 def _jsonl_domains(cfg, vocab: int, tokenizer):
@@ -184,6 +247,7 @@ def _jsonl_domains(cfg, vocab: int, tokenizer):
   digest = hashlib.sha256("\0".join(sorted(files)).encode()).hexdigest()[:12]
   split_dir = os.path.join(os.path.expanduser(cfg.data.cache_dir), f"ddk_split_{digest}")
   per_domain = split_by_domain(files, split_dir)
+  ids = domain_ids(cfg, per_domain)
   sources, evals = {}, {}
   for domain, path in per_domain.items():
     sub = copy.deepcopy(cfg)
@@ -193,7 +257,8 @@ def _jsonl_domains(cfg, vocab: int, tokenizer):
     train, ev = text.jsonl_sources(sub, vocab, tokenizer)
     if ev is None:
       raise ValueError(f"domain {domain!r} has no eval split: set ddk.eval_fraction > 0.")
-    sources[domain], evals[domain] = train, _batches_to_examples(ev.one_epoch())
+    sources[domain] = _DomainField(train, ids[domain])
+    evals[domain] = _batches_to_examples(_DomainField(ev, ids[domain]).one_epoch())
   return sources, evals
 
 

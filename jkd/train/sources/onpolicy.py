@@ -54,14 +54,23 @@ from jkd.train import sharding
 
 PyTree = Any
 
-#: Batch fields the sources rewrite; any other field (positions, segment ids, a cached teacher)
-#: would describe the original completion, and is an error.
+#: Batch fields the sources rewrite; any other ``[B, T]`` field (positions, segment ids, a cached
+#: teacher) would describe the original completion, and is an error. ``[B]`` fields (an
+#: example's ``domain``, which routes it to its teacher) describe the prompt, which a sample
+#: keeps: they stay with their row (and are replayed with it).
 REWRITTEN = ("tokens", "labels", "loss_mask", "attention_mask")
 _METRIC = "metric/onpolicy/"
 
 
+def row_fields(batch: Mapping[str, np.ndarray]) -> list[str]:
+  """The batch's per-example ``[B]`` fields that are not metrics (e.g. ``domain``)."""
+  return sorted(k for k, v in batch.items()
+                if k not in REWRITTEN and not k.startswith("metric/") and np.ndim(v) == 1)
+
+
 def _check_batch(batch: Mapping[str, np.ndarray]) -> None:
-  other = sorted(k for k in batch if k not in REWRITTEN and not k.startswith("metric/"))
+  other = sorted(k for k in batch if k not in REWRITTEN and not k.startswith("metric/")
+                 and k not in row_fields(batch))
   if other:
     raise ValueError(f"on-policy sources rewrite {list(REWRITTEN)} with student samples; the"
                      f" batch also has {other}, which would no longer match the completions:"
@@ -345,12 +354,13 @@ class AdaptiveOffPolicySource(OnPolicySource):
       return []
     rng = np.random.default_rng([self.seed, index])
     rows = sorted(rng.permutation(b)[:k].tolist())
+    kept = [name for name in REWRITTEN if name in batch] + row_fields(batch)
     if self.coin(index) < self.lmbda or len(self.buffer) < k:
       rows = self._generate_rows(batch, rows, index)
-      self.buffer.add({name: batch[name][rows] for name in REWRITTEN if name in batch})
+      self.buffer.add({name: batch[name][rows] for name in kept})
       return rows
     replay = self.buffer.take(rng.integers(len(self.buffer), size=k))
-    fields = sorted(k for k in REWRITTEN if k in batch)
+    fields = sorted(kept)
     if sorted(replay) != fields:
       raise ValueError(f"replayed rows have {sorted(replay)} but the batch has {fields}.")
     for name in fields:
