@@ -48,6 +48,7 @@ def metrics_reference(zs, zt, labels, where=None):
     out[f"eval/{name}_nll"] = nll
     out[f"eval/{name}_ppl"] = np.exp(nll) if nll < 700 else np.inf
     out[f"eval/{name}_ece"] = ece_reference(z, labels, mask)
+    out[f"eval/{name}_accuracy"] = (z.argmax(-1) == labels)[mask].mean()
   lp, lq = ref.log_softmax(zt), ref.log_softmax(zs)
   p = np.exp(lp)
   with np.errstate(invalid="ignore"):  # 0 * log 0 = 0 at tokens the teacher bans
@@ -110,8 +111,9 @@ def test_student_only_and_known_values():
   z = np.zeros((1, 2, 4), np.float32)
   sums = jit(lambda a, y: ev.eval_sums(a, y))(z, np.array([[1, IGNORE]], np.int32))
   m = ev.eval_metrics(jax.device_get(sums))
-  assert sorted(m) == ["eval/student_ece", "eval/student_nll", "eval/student_ppl",
-                       "eval/tokens"]
+  assert sorted(m) == ["eval/student_accuracy", "eval/student_ece", "eval/student_nll",
+                       "eval/student_ppl", "eval/tokens"]
+  assert m["eval/student_accuracy"] == 0.0  # argmax 0, label 1
   np.testing.assert_allclose([m["eval/student_nll"], m["eval/student_ppl"],
                               m["eval/student_ece"]], [math.log(4), 4.0, 0.25], rtol=1e-6)
   assert np.asarray(sums["student_bin_count"]).tolist()[3] == 1.0

@@ -21,6 +21,15 @@ The CLI (``python -m jkd.data.teacher_cache --help``) tokenizes a dataset and ca
   python -m jkd.data.teacher_cache --teacher smollm2 --dataset DIR --split train \\
       --seq_len 256 --k 32 --out DIR
 
+Transformed targets, written once (:mod:`jkd.data.cache_targets`; metadata ``calibration`` or
+``privacy``, which a training run on the cache reports): ``--calibrate`` (FIRST: the top-k
+renormalised and tempered at a temperature fitted on held-out data, docs/methods.md §15) or
+``--privacy_epsilon`` (Swing: the full distribution clipped and Gaussian-noised, its noisy top-k
+released, docs/methods.md §16). ``--eval_split`` caches a held-out split as ``eval`` too::
+
+  python -m jkd.data.teacher_cache --teacher smollm2 --dataset DIR --seq_len 256 --k 5 \\
+      --eval_split eval --calibrate --out DIR --name first_cache
+
 Teachers are named by a model spec (:func:`jkd.data.model_spec.load_model`): ``smollm2``,
 ``gguf:PATH``, ``hf:DIR`` or ``random:{json of ModelConfig fields, optional "seed"}`` (a random
 model with a character tokenizer, for tests and dry runs).
@@ -36,6 +45,7 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -48,10 +58,15 @@ from jkd import models
 from jkd import runtime
 from jkd.data.model_spec import load_model
 from jkd.data import arrays as arrays_lib
+from jkd.data import cache_targets
+from jkd.data import calibration
+from jkd.data import privacy as privacy_lib
 from jkd.data import store
 from jkd.data import examples
 
 PyTree = Any
+#: Examples to cache: an iterable of example dicts, or a dict of ``[N, T]`` arrays.
+Examples = Iterable[Mapping[str, Any]] | Mapping[str, Any]
 
 #: Stored ``teacher_tail_logprob`` floor: the log tail mass where it is ~0 (or exactly 0).
 TAIL_FLOOR = -30.0
@@ -183,35 +198,54 @@ def _check_example(i: int, ex: Mapping[str, Any], seq_len: int | None, optional:
   return out
 
 
-def _cached_examples(rows: Iterator, first: dict, optional: tuple, *, params, config, k: int,
-                     batch_size: int, id_dtype, progress: bool, total: int | None, stats: dict):
-  """Yields the cached examples, running the teacher on batches of ``batch_size``."""
+def _teacher_targets(params, config, k: int):
+  """``targets(inputs, index) -> (ids, logprobs, tail)``: :func:`teacher_topk` of a batch."""
+  def targets(inputs, index):
+    del index
+    return teacher_topk(params, inputs["tokens"], inputs.get("attention_mask"),
+                        inputs.get("positions"), inputs.get("segment_ids"), config=config, k=k)
+  return targets
+
+
+def _batches(rows: Iterator, first: dict, optional: tuple, *, vocab: int, batch_size: int):
+  """Lists of at most ``batch_size`` checked examples of the same length as ``first`` (example
+  0; ``rows`` holds the others)."""
   seq_len = first["tokens"].shape[0]
-  bar = tqdm(total=total, desc="teacher cache", unit="ex", disable=not progress)
-
-  def flush(batch):
-    n = len(batch)
-    padded = batch + [batch[-1]] * (batch_size - n)  # one batch shape: one compilation
-    inputs = {f: np.stack([ex[f] for ex in padded]) for f in ("tokens",) + optional}
-    ids, lp, tail = teacher_topk(params, inputs["tokens"], inputs.get("attention_mask"),
-                                 inputs.get("positions"), inputs.get("segment_ids"),
-                                 config=config, k=k)
-    ids = np.asarray(ids)[:n].astype(id_dtype)
-    lp, tail = np.asarray(lp.astype(jnp.float16))[:n], np.asarray(tail.astype(jnp.float16))[:n]
-    for j, ex in enumerate(batch):
-      yield dict(ex, teacher_topk_ids=ids[j], teacher_topk_logprobs=lp[j],
-                 teacher_tail_logprob=tail[j])
-    stats["count"] += n
-    bar.update(n)
-
   batch = [first]
   for i, ex in enumerate(rows, start=1):
-    batch.append(_check_example(i, ex, seq_len, optional, config.vocab_size))
+    batch.append(_check_example(i, ex, seq_len, optional, vocab))
     if len(batch) == batch_size:
-      yield from flush(batch)
+      yield batch
       batch = []
   if batch:
-    yield from flush(batch)
+    yield batch
+
+
+def _run_targets(targets, batch: list, optional: tuple, batch_size: int, index: int):
+  """``targets`` of a list of examples padded to ``batch_size`` (one shape: one compilation),
+  the padding rows dropped again."""
+  n = len(batch)
+  padded = batch + [batch[-1]] * (batch_size - n)
+  inputs = {f: np.stack([ex[f] for ex in padded]) for f in ("tokens",) + optional}
+  ids, lp, tail = targets(inputs, index)
+  return np.asarray(ids)[:n], np.asarray(lp, np.float32)[:n], np.asarray(tail, np.float32)[:n]
+
+
+def _cached_examples(rows: Iterator, first: dict, optional: tuple, *, targets, vocab: int,
+                     batch_size: int, id_dtype, progress: bool, total: int | None, stats: dict,
+                     index: int = 0):
+  """Yields the cached examples, computing ``targets`` on batches of ``batch_size``; batch
+  ``j`` is ``targets``' call ``index + j``."""
+  bar = tqdm(total=total, desc="teacher cache", unit="ex", disable=not progress)
+  for j, batch in enumerate(_batches(rows, first, optional, vocab=vocab,
+                                     batch_size=batch_size)):
+    ids, lp, tail = _run_targets(targets, batch, optional, batch_size, index + j)
+    ids, lp, tail = ids.astype(id_dtype), lp.astype(np.float16), tail.astype(np.float16)
+    for i, ex in enumerate(batch):
+      yield dict(ex, teacher_topk_ids=ids[i], teacher_topk_logprobs=lp[i],
+                 teacher_tail_logprob=tail[i])
+    stats["count"] += len(batch)
+    bar.update(len(batch))
   bar.close()
 
 
@@ -267,15 +301,79 @@ def _record_sizes(path: str, features: Mapping[str, Any], count: int, seq_len: i
                           "payload_bytes_per_token": payload})
 
 
-def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any], out_dir: str,
+def _first_example(examples, vocab: int, what: str):
+  """``(rows iterator, first checked example, optional fields, total or None)``."""
+  if isinstance(examples, Mapping):
+    total = len(np.asarray(next(iter(examples.values()))))
+  else:
+    total = len(examples) if hasattr(examples, "__len__") else None
+  rows = iter(_rows(examples))
+  try:
+    first_raw = next(rows)
+  except StopIteration:
+    raise ValueError(f"{what} is empty: nothing to cache.") from None
+  optional = tuple(f for f in OPTIONAL_FIELDS if f in first_raw)
+  return rows, _check_example(0, first_raw, None, optional, vocab), optional, total
+
+
+def fit_cache_temperature(examples, *, params: PyTree, config: models.ModelConfig, k: int,
+                          batch_size: int = 8, criterion: str = "ece",
+                          **options) -> calibration.TemperatureFit:
+  """FIRST's temperature for a teacher's top-``k``, fitted on held-out examples with labels.
+
+  The teacher's top-k log-probabilities (temperature 1) at every counted position of
+  ``examples`` (``labels != -100`` and ``loss_mask``) go to
+  :func:`jkd.data.calibration.fit_temperature`.
+
+  Args:
+    examples: held-out examples, as :func:`write_teacher_cache` takes them (not the cached ones).
+    params, config: the teacher.
+    k: the cache's top-k.
+    batch_size: examples per teacher call.
+    criterion, **options: :func:`jkd.data.calibration.fit_temperature`'s.
+
+  Returns:
+    The :class:`jkd.data.calibration.TemperatureFit`.
+  """
+  vocab = config.vocab_size
+  _check_cache_options(vocab, k, batch_size, None)
+  rows, first, optional, _ = _first_example(examples, vocab, "the held-out examples")
+  targets = _teacher_targets(params, config, int(k))
+  parts = collections.defaultdict(list)
+  for j, batch in enumerate(_batches(rows, first, optional, vocab=vocab,
+                                     batch_size=int(batch_size))):
+    ids, lp, _ = _run_targets(targets, batch, optional, int(batch_size), j)
+    parts["ids"].append(ids)
+    parts["lp"].append(lp)
+    parts["labels"].append(np.stack([ex["labels"] for ex in batch]))
+    parts["mask"].append(np.stack([ex["loss_mask"] for ex in batch]))
+  cat = {key: np.concatenate(v) for key, v in parts.items()}
+  return calibration.fit_temperature(cat["lp"], cat["ids"], cat["labels"], where=cat["mask"],
+                                     criterion=criterion, **options)
+
+
+def write_teacher_cache(examples: Examples, out_dir: str,
                         *, params: PyTree, config: models.ModelConfig, k: int = 32,
                         batch_size: int = 8, name: str = "teacher_cache", id_dtype=None,
                         teacher: str = "", split: str = "train", progress: bool = True,
-                        metadata: Mapping[str, Any] | None = None) -> str:
+                        metadata: Mapping[str, Any] | None = None,
+                        eval_examples: Examples | None = None,
+                        calibrate_on: Examples | None = None,
+                        calibration_criterion: str = "ece",
+                        privacy: privacy_lib.PrivacySpec | None = None) -> str:
   """Runs the teacher over tokenized examples and writes its top-k as a TFDS dataset.
 
   The examples stream through (memory holds one batch); the output keeps their order and count.
   The last batch is padded to ``batch_size`` so every call of the jitted teacher has one shape.
+
+  Two optional transforms of the released targets (one at a time):
+
+  * ``calibrate_on`` (FIRST, docs/methods.md §15): held-out examples on which a temperature is
+    fitted (:func:`fit_cache_temperature`); the cached top-k is then renormalised over the k
+    ids at that temperature and the tail left empty (``TAIL_FLOOR``).
+  * ``privacy`` (Swing, docs/methods.md §16): each position's full distribution is clipped and
+    noised by the Gaussian mechanism of :class:`jkd.data.privacy.PrivacySpec` (``sigma`` from
+    its ``(epsilon, delta)`` for sequences of this length), and the noisy top-k released.
 
   Args:
     examples: an iterable of ``{"tokens": [T] int, "labels": [T] int, "loss_mask": [T] bool}``
@@ -291,43 +389,81 @@ def write_teacher_cache(examples: Iterable[Mapping[str, Any]] | Mapping[str, Any
     split: the split name written.
     progress: show a tqdm bar.
     metadata: more facts to store with the dataset.
+    eval_examples: optional examples like ``examples`` (same length and fields), cached the
+      same way as the split ``"eval"`` (training evaluates the student on it).
+    calibrate_on: optional held-out examples (FIRST's temperature; see above).
+    calibration_criterion: ``"ece"`` or ``"nll"`` (:func:`jkd.data.calibration.fit_temperature`).
+    privacy: optional :class:`jkd.data.privacy.PrivacySpec` (Swing; see above).
 
   Returns:
     The dataset directory. Its metadata (:func:`jkd.data.read_metadata`) holds ``kind``
     (``"teacher_cache"``), ``k``, ``vocab``, ``seq_len``, ``count``, ``teacher``,
-    ``teacher_fingerprint``, ``teacher_config``, ``id_dtype``, ``tail_floor``,
-    ``bytes_per_token`` (array_record bytes on disk / cached tokens: ArrayRecord compresses
-    records and its files grow in 64 KiB steps, so this overstates small caches) and
-    ``payload_bytes_per_token`` (the raw size of one position's fields, e.g. 139 for k=32 with
-    uint16 ids).
+    ``teacher_fingerprint``, ``teacher_config``, ``id_dtype``, ``tail_floor``, ``temperature``
+    (of the stored log-probabilities), ``bytes_per_token`` (array_record bytes on disk / cached
+    tokens: ArrayRecord compresses records and its files grow in 64 KiB steps, so this
+    overstates small caches) and ``payload_bytes_per_token`` (the raw size of one position's
+    fields, e.g. 139 for k=32 with uint16 ids), ``splits``; ``eval_count`` with ``eval_examples``;
+    ``calibration`` (:meth:`jkd.data.calibration.TemperatureFit.as_metadata`) with
+    ``calibrate_on``; ``privacy`` (:meth:`jkd.data.privacy.PrivacySpec.plan`) with ``privacy``.
   """
   vocab = config.vocab_size
   id_dtype = _check_cache_options(vocab, k, batch_size, id_dtype)
-  if isinstance(examples, Mapping):
-    total = len(np.asarray(next(iter(examples.values()))))
-  else:
-    total = len(examples) if hasattr(examples, "__len__") else None
-  rows = iter(_rows(examples))
-  try:
-    first_raw = next(rows)
-  except StopIteration:
-    raise ValueError("examples is empty: nothing to cache.") from None
-  optional = tuple(f for f in OPTIONAL_FIELDS if f in first_raw)
-  first = _check_example(0, first_raw, None, optional, vocab)
+  if calibrate_on is not None and privacy is not None:
+    raise ValueError("write_teacher_cache() takes calibrate_on (FIRST) or privacy (Swing), not"
+                     " both: a temperature fitted on held-out teacher outputs would be released"
+                     " without noise. Write one cache per method.")
+  if privacy is not None and not isinstance(privacy, privacy_lib.PrivacySpec):
+    raise ValueError(f"privacy must be a jkd.data.privacy.PrivacySpec (got"
+                     f" {type(privacy).__name__}).")
+  if calibration_criterion not in calibration.CRITERIA:
+    raise ValueError(f"calibration_criterion must be one of {list(calibration.CRITERIA)} (got"
+                     f" {calibration_criterion!r}).")
+  rows, first, optional, total = _first_example(examples, vocab, "examples")
   seq_len = int(first["tokens"].shape[0])
   features = _cache_features(seq_len, k, id_dtype, optional)
-  stats = {"count": 0}
   meta = {"kind": CACHE_KIND, "k": int(k), "vocab": int(vocab), "seq_len": seq_len,
           "teacher": teacher, "teacher_fingerprint": teacher_fingerprint(params, config),
           "teacher_config": dataclasses.asdict(config), "id_dtype": id_dtype.name,
           "logprob_dtype": "float16", "tail_floor": TAIL_FLOOR, "temperature": 1.0,
-          "fields": list(CACHE_FIELDS + optional), **dict(metadata or {})}
-  gen = _cached_examples(rows, first, optional, params=params, config=config, k=int(k),
-                         batch_size=int(batch_size), id_dtype=id_dtype, progress=progress,
-                         total=total, stats=stats)
-  path = store.write_dataset(out_dir, name, features, {split: gen}, metadata=meta,
+          "fields": list(CACHE_FIELDS + optional),
+          "splits": sorted({split} | ({"eval"} if eval_examples is not None else set())),
+          **dict(metadata or {})}
+  targets = _teacher_targets(params, config, int(k))
+  if calibrate_on is not None:
+    fit = fit_cache_temperature(calibrate_on, params=params, config=config, k=int(k),
+                                batch_size=batch_size, criterion=calibration_criterion)
+    targets = cache_targets.calibrated_targets(targets, fit.temperature, floor=TAIL_FLOOR)
+    meta.update(temperature=fit.temperature, calibration=fit.as_metadata())
+  if privacy is not None:
+    plan = privacy.plan(seq_len)
+    seed = secrets.randbits(62) if privacy.seed is None else int(privacy.seed)
+    targets = cache_targets.private_targets(params, config, k=int(k), sigma=plan["sigma"],
+                                            clip=privacy.clip, seed=seed, floor=TAIL_FLOOR)
+    meta["privacy"] = plan
+  common = dict(targets=targets, vocab=vocab, batch_size=int(batch_size), id_dtype=id_dtype,
+                progress=progress)
+  stats = {"count": 0}
+  splits = {split: _cached_examples(rows, first, optional, total=total, stats=stats, **common)}
+  eval_stats = {"count": 0}
+  if eval_examples is not None:
+    if split == "eval":
+      raise ValueError("split 'eval' is taken by eval_examples; name the cached split"
+                       " otherwise (e.g. 'train').")
+    eval_rows, eval_first, eval_optional, eval_total = _first_example(
+        eval_examples, vocab, "eval_examples")
+    if eval_optional != optional or eval_first["tokens"].shape[0] != seq_len:
+      raise ValueError(f"eval_examples must have the examples' length {seq_len} and fields"
+                       f" {list(CACHE_FIELDS[:3] + optional)}; they have length"
+                       f" {eval_first['tokens'].shape[0]} and"
+                       f" {list(CACHE_FIELDS[:3] + eval_optional)}.")
+    # Batch indices after any training batch: the noise of the two splits never repeats.
+    splits["eval"] = _cached_examples(eval_rows, eval_first, optional, total=eval_total,
+                                      stats=eval_stats, index=1 << 30, **common)
+  path = store.write_dataset(out_dir, name, features, splits, metadata=meta,
                              description=f"teacher top-{k} cache of {teacher or 'a teacher'}")
-  _record_sizes(path, features, stats["count"], seq_len)
+  _record_sizes(path, features, stats["count"] + eval_stats["count"], seq_len)
+  if eval_examples is not None:
+    _update_metadata(path, {"count": stats["count"], "eval_count": eval_stats["count"]})
   return path
 
 
@@ -422,35 +558,42 @@ def main(argv: list[str] | None = None) -> str:
   p.add_argument("--no_chat_template", action="store_true",
                  help="tokenize prompt/completion as plain text")
   p.add_argument("--no_progress", action="store_true")
+  cache_targets.add_flags(p)
   args = p.parse_args(argv)
+  if not args.dataset.endswith(".npz") and args.seq_len is None:
+    p.error("--seq_len is required to tokenize a text dataset.")
   teacher = load_model(args.teacher)
   counts: dict[str, int] = collections.Counter()
-  if args.dataset.endswith(".npz"):
-    examples: Any = _npz_examples(args.dataset, args.seq_len, teacher.config.vocab_size)
-    if args.limit is not None:
-      examples = {key: v[:args.limit] for key, v in examples.items()}
-  else:
-    if args.seq_len is None:
-      p.error("--seq_len is required to tokenize a text dataset.")
-    examples = _dataset_examples(args.dataset, args.split, teacher.tokenizer,
-                                 seq_len=args.seq_len, vocab_size=teacher.config.vocab_size,
-                                 shape=args.shape, chat_template=not args.no_chat_template,
-                                 counts=counts)
-    if args.limit is not None:
+
+  def load(path: str, split: str, limit: int | None, count=None) -> Any:
+    if path.endswith(".npz"):
+      arrays = _npz_examples(path, args.seq_len, teacher.config.vocab_size)
+      return arrays if limit is None else {key: v[:limit] for key, v in arrays.items()}
+    rows = _dataset_examples(path, split, teacher.tokenizer, seq_len=args.seq_len,
+                             vocab_size=teacher.config.vocab_size, shape=args.shape,
+                             chat_template=not args.no_chat_template,
+                             counts=collections.Counter() if count is None else count)
+    if limit is not None:
       import itertools  # noqa: PLC0415
-      examples = itertools.islice(examples, args.limit)
+      rows = itertools.islice(rows, limit)
+    return rows
+
+  options = cache_targets.flag_options(args, load, p.error)
+  examples = load(args.dataset, args.split, args.limit, counts)
   path = write_teacher_cache(examples, args.out, params=teacher.params, config=teacher.config,
                              k=args.k, batch_size=args.batch_size, name=args.name,
                              teacher=args.teacher, split=args.split,
                              progress=not args.no_progress,
                              metadata={"source": os.path.abspath(args.dataset),
-                                       "source_split": args.split})
+                                       "source_split": args.split}, **options)
   # Known only once the examples have streamed through.
   _update_metadata(path, {"skipped_no_target": counts.get("no_target", 0),
                           "truncated": counts.get("truncated", 0)})
   meta = store.read_metadata(path)
   print(f"wrote {meta['count']} examples x {meta['seq_len']} tokens (top-{meta['k']}) to {path};"
         f" {meta['bytes_per_token']:.1f} bytes per token")
+  for line in cache_targets.facts_lines(meta):
+    print(line)
   return path
 
 

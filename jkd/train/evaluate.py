@@ -15,10 +15,14 @@ Metrics (``eval/`` namespace), over positions with ``labels != -100`` and ``wher
 ``student_ece``          expected calibration error of ``q`` (15 equal-width confidence bins:
                          ``sum_b |sum_{i in b} (correct_i - conf_i)| / N``, conf = max prob)
 ``teacher_ece``          the same for ``p``
+``student_accuracy``     fraction of positions where ``argmax q`` is the label (top-1 accuracy,
+                         beside the ECE); ``teacher_accuracy`` the same for ``p``
 ``tokens``               number of counted positions
 =======================  ==========================================================================
 
-Teacher metrics are omitted when no teacher logits are given.
+Teacher metrics are omitted when no teacher logits are given. With several teachers
+(:mod:`jkd.train.teachers`) the teacher is their routed mixture, and ``eval/teachers/nll/<i>``
+and ``eval/teachers/share/<i>`` give each teacher's NLL and token share.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jkd import losses
 from jkd import models
 from jkd import partitioning
 from jkd.train import sharding
+from jkd.train import teachers as teachers_lib
 
 Array = jax.Array
 PyTree = Any
@@ -44,7 +49,7 @@ ECE_BINS = 15
 #: Every metric :func:`eval_metrics` can return (the teacher's need teacher logits).
 METRIC_NAMES = ("eval/tokens", "eval/student_nll", "eval/student_ppl", "eval/student_ece",
                 "eval/teacher_nll", "eval/teacher_ppl", "eval/teacher_ece", "eval/kl_forward",
-                "eval/top1_agreement")
+                "eval/top1_agreement", "eval/student_accuracy", "eval/teacher_accuracy")
 
 
 def _calibration_sums(logits: Array, labels: Array, mask: Array, num_bins: int
@@ -121,34 +126,49 @@ def eval_metrics(sums: Mapping[str, Any]) -> dict[str, float]:
     out[f"eval/{prefix}_ppl"] = math.exp(nll) if nll < 700 else math.inf
     gap = np.abs(s[f"{prefix}_bin_correct"] - s[f"{prefix}_bin_conf"])
     out[f"eval/{prefix}_ece"] = float(np.sum(gap)) / n
+    out[f"eval/{prefix}_accuracy"] = float(np.sum(s[f"{prefix}_bin_correct"])) / n
   if "kl_forward" in s:
     out["eval/kl_forward"] = float(s["kl_forward"]) / n
     out["eval/top1_agreement"] = float(s["top1_agreement"]) / n
+  for key in sorted(k for k in s if k.startswith("teachers/")):  # Several teachers.
+    out[f"eval/{key}"] = float(s[key]) / n
   return out
 
 
 def make_eval_step(*, student_config: models.ModelConfig,
-                   teacher_config: models.ModelConfig | None = None,
-                   num_bins: int = ECE_BINS) -> Callable:
-  """The pure ``(params, teacher_params, batch) -> sums`` of one batch (jit it).
+                   teacher_config: models.ModelConfig | tuple | None = None,
+                   num_bins: int = ECE_BINS,
+                   routing: teachers_lib.Routing | None = None) -> Callable:
+  """The pure ``(params, teacher_params, batch, gate_params=None) -> sums`` of one batch (jit
+  it).
 
   ``batch`` holds ``tokens`` and ``labels`` and optionally ``loss_mask``, ``attention_mask``,
   ``positions``, ``segment_ids``; ``teacher_params`` may be None, and a cross-tokenizer batch
-  (with ``teacher_tokens``) gets student metrics only.
+  (with ``teacher_tokens``) gets student metrics only. With ``routing`` (several teachers)
+  ``teacher_config`` and ``teacher_params`` are tuples, the teacher metrics are the routed
+  mixture's (the gate's parameters ``gate_params``), plus each teacher's NLL and share sums.
   """
-  def step(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any]
-           ) -> dict[str, Array]:
+  def step(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any],
+           gate_params: PyTree | None = None) -> dict[str, Array]:
     common = dict(attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
                   segment_ids=batch.get("segment_ids"))
-    student = models.apply(params, batch["tokens"], config=student_config, **common).logits
-    teacher = None
+    out = models.apply(params, batch["tokens"], config=student_config, **common)
+    student, teacher, extra = out.logits, None, {}
     # A cross-tokenizer batch (``teacher_tokens``) has no shared vocabulary to compare the
     # distributions over: student metrics only.
     if teacher_params is not None and "teacher_tokens" not in batch:
-      teacher = models.apply(teacher_params, batch["tokens"], config=teacher_config,
-                             **common).logits
-    return eval_sums(student, batch["labels"], teacher_logits=teacher,
+      if routing is None:
+        teacher = models.apply(teacher_params, batch["tokens"], config=teacher_config,
+                               **common).logits
+      else:
+        mask = losses.label_mask(batch["labels"], where=batch.get("loss_mask"))
+        routed = teachers_lib.routed_teacher_inputs(
+            teacher_params, teacher_config, batch, routing=routing, student_hidden=out.hidden,
+            mask=mask, student_vocab=student_config.vocab_size, gate_params=gate_params)
+        teacher, extra = routed["teacher_logits"], teachers_lib.eval_sums(routed, mask)
+    sums = eval_sums(student, batch["labels"], teacher_logits=teacher,
                      where=batch.get("loss_mask"), num_bins=num_bins)
+    return {**sums, **extra}
 
   return step
 
@@ -174,19 +194,24 @@ class Evaluator:
   placed by a :class:`jkd.train.sharding.BatchPlacer`; metrics named ``<prefix><name>``."""
 
   def __init__(self, source, batches, *, student_config, teacher, params_shardings,
-               replicated, max_batches: int, prefix: str = "eval/"):
+               replicated, max_batches: int, prefix: str = "eval/",
+               routing: teachers_lib.Routing | None = None):
     self.source, self.batches, self.max_batches = source, batches, max_batches
     self.prefix = prefix
     self.teacher = teacher  # With teacher.online=False its params are None: student metrics.
+    self.routing = routing if teacher.params is not None else None  # Several teachers.
     self._step = make_eval_step(
         student_config=student_config,
-        teacher_config=teacher.config if teacher.params is not None else None)
+        teacher_config=teacher.config if teacher.params is not None else None,
+        routing=self.routing)
     self._shardings = (params_shardings, replicated)
     self._compiled = None
 
-  def __call__(self, params) -> dict[str, float] | None:
+  def __call__(self, params, term_params=None) -> dict[str, float] | None:
+    """The metrics of ``params`` (``term_params``: the state's, holding the teachers' gate)."""
     if self.source is None:
       return None
+    gate = (term_params or {}).get(teachers_lib.GATE) if self.routing is not None else None
     local = self.source.one_epoch()
     if self.max_batches > 0:
       local = itertools.islice(local, self.max_batches)
@@ -202,7 +227,13 @@ class Evaluator:
           return self._step(*args)
 
       self._compiled = jax.jit(traced, out_shardings=replicated, in_shardings=(
-          params_shardings, self.teacher.shardings, shardings))
-    placed = (self.batches.place(b, shardings) for b in itertools.chain([first], local))
-    metrics = evaluate_batches(self._compiled, params, self.teacher.params, placed)
+          params_shardings, self.teacher.shardings, shardings, replicated))
+
+    def checked(b):
+      teachers_lib.check_batch(b, self.routing, what="the eval data")
+      return self.batches.place(b, shardings)
+
+    placed = (checked(b) for b in itertools.chain([first], local))
+    metrics = evaluate_batches(lambda p, t, b: self._compiled(p, t, b, gate), params,
+                               self.teacher.params, placed)
     return {self.prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}

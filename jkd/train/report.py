@@ -27,7 +27,12 @@ REPORT_MD, REPORT_JSON, CURVES_PNG = "report.md", "report.json", "curves.png"
 _ROWS = (("student_nll", "NLL (nats/token)", True), ("student_ppl", "perplexity", True),
          ("kl_forward", "KL(teacher || student)", True),
          ("top1_agreement", "top-1 agreement with teacher", False),
+         ("student_accuracy", "top-1 accuracy (labels)", False),
          ("student_ece", "expected calibration error", True))
+
+
+#: Metrics of a transformed teacher cache: FIRST's calibration, Swing's privacy cost.
+_TARGET_FACTS = ("targets/", "privacy/")
 
 
 def _evals(history: Sequence[Mapping], prefix: str) -> list[Mapping]:
@@ -95,6 +100,10 @@ def summarize(history: Sequence[Mapping]) -> dict[str, Any]:
   if perf:
     out["throughput"] = {k[5:]: float(np.median([r[k] for r in perf if k in r]))
                          for k in ("perf/tokens_per_s", "perf/step_time_s", "perf/mfu")}
+  targets = [r for r in history if any(k.startswith(_TARGET_FACTS) for k in r)]
+  if targets:  # A FIRST / Swing teacher cache (jkd.train.sources.cache_facts): per-run facts.
+    out["teacher_targets"] = {k: v for k, v in targets[-1].items()
+                              if k.startswith(_TARGET_FACTS)}
   verdict = monitor_lib.assess_history(history)
   if verdict is not None:
     out["teacher_hacking"] = verdict._asdict()
@@ -139,7 +148,7 @@ def write_report(workdir: str, summary: Mapping[str, Any] | None = None, *,
 
 def _markdown(facts: Mapping[str, Any], title: str) -> str:
   lines = [f"# {title}", ""]
-  for key in ("models", "data"):
+  for key in ("models", "data", "teacher_targets"):
     if facts.get(key):
       lines += [f"**{key}:** " + ", ".join(f"{k} = {_fmt(v)}" for k, v in facts[key].items()),
                 ""]

@@ -18,6 +18,7 @@ from jkd.data import jsonl
 from jkd.data import pipeline
 from jkd.data import store
 from jkd.train import storage
+from jkd.train.sources import cache_facts
 
 
 def _cache_name(files: list[str], extra: Mapping[str, Any]) -> str:
@@ -140,5 +141,8 @@ def jsonl_sources(cfg, vocab: int, tokenizer=None):
 
 
 def tfds_sources(cfg, vocab: int, tokenizer=None):
-  """``data.source='tfds'``: ``(train, eval or None)``."""
-  return _pipelines(tfds_path(cfg), cfg, vocab, tokenizer)
+  """``data.source='tfds'``: ``(train, eval or None)``; a FIRST / Swing teacher cache's facts
+  are reported by the run (:mod:`jkd.train.sources.cache_facts`)."""
+  path = tfds_path(cfg)
+  train, evals = _pipelines(path, cfg, vocab, tokenizer)
+  return cache_facts.with_cache_facts(train, path), evals
