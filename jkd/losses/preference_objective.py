@@ -11,6 +11,9 @@ reference (or the teacher as reference, LLaVA-MoD style) with
 ``ref_rejected``      ... of the rejected completions
 ``policy``/``ref``    KTO: log-probs of unpaired completions; ``desirable`` ``[B]`` bool;
                       ``policy_kl``/``ref_kl``: the same completions on mismatched prompts
+``policy_list``       TPO: log-probs of ``K`` ranked responses per prompt, ``[B, K]`` fields;
+                      ``ref_list`` the reference's; ``list_scores`` ``[B, K]`` float;
+                      ``list_mask`` ``[B, K]`` bool (True where a response is present)
 ====================  ======================================================================
 
 Each term returns the mean loss over pairs and the standard metrics (``<name>/rewards/...``).
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 
 from jkd.losses import aligned_teacher
 from jkd.losses import dpo
+from jkd.losses import listwise
 from jkd.losses import reference_free
 from jkd.losses import sequences
 from jkd.losses.tokens import IGNORE_INDEX
@@ -33,14 +37,18 @@ from jkd.losses.objective import register_loss_term
 
 _PAIRS = (("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),)
 _FREE = (("policy_chosen", "policy_rejected"),)
+_LISTS = (("policy_list", "ref_list", "list_scores", "list_mask"),)
 
 
 def _dummy_inputs() -> dict[str, Any]:
   lp = sequences.SequenceLogprobs(sum=-jnp.ones((2,)), mean=-jnp.ones((2,)) / 2,
                                    count=jnp.full((2,), 2))
+  lists = sequences.SequenceLogprobs(sum=-jnp.ones((1, 2)), mean=-jnp.ones((1, 2)) / 2,
+                                     count=jnp.full((1, 2), 2))
   return {"policy_chosen": lp, "policy_rejected": lp, "ref_chosen": lp, "ref_rejected": lp,
           "policy": lp, "ref": lp, "policy_kl": lp, "ref_kl": lp,
-          "desirable": jnp.array([True, False])}
+          "desirable": jnp.array([True, False]), "policy_list": lists, "ref_list": lists,
+          "list_scores": jnp.array([[1.0, 0.0]]), "list_mask": jnp.ones((1, 2), bool)}
 
 
 def _register(name, needs):
@@ -128,6 +136,17 @@ def _kto_term(inputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
                             desirable_weight=desirable_weight,
                             undesirable_weight=undesirable_weight)
   return jnp.mean(loss), {"kl": z}
+
+
+@_register("tpo", _LISTS)
+def _tpo_term(inputs, *, beta: float = 0.1, weighting: str = "lambda", gain: str = "exp2",
+              fused: bool = False):
+  """TPO's preference-list ranking loss (:func:`jkd.losses.tpo_loss`), mean over lists; metrics
+  of :func:`jkd.losses.ranking_metrics` (``tpo/rewards/ranking_accuracy``, ...)."""
+  del fused
+  p, r, v, m = _get(inputs, _LISTS[0], "tpo")
+  loss = listwise.tpo_loss(p, r, v, m, beta=beta, weighting=weighting, gain=gain)
+  return jnp.mean(loss), listwise.ranking_metrics(p, r, v, m, beta=beta)
 
 
 @_register("redi", _FREE)

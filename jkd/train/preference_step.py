@@ -23,6 +23,16 @@ The chosen half is also given as ``student_logits``/``teacher_logits``/``labels`
 ``cross_entropy`` term adds the NLL of the chosen completion (RPO) and a divergence term distils
 on it.
 
+A **list** batch (TPO: several ranked responses per prompt) holds ``list_tokens`` and
+``list_labels`` ``[B, K, T]`` (response ``k`` of prompt ``b``, laid out as a pair's sides),
+``list_scores`` ``[B, K]`` float (higher is better) and ``list_mask`` ``[B, K]`` bool (True where
+a response is present: a prompt with fewer than ``K`` responses pads the rest); optionally
+``list_loss_mask`` ``[B, K, T]`` and a precomputed reference ``reference_list_logps`` ``[B, K]``.
+The student (and, for the reference, the teacher) runs once over the ``B * K`` rows; the
+objective reads ``policy_list``/``ref_list`` (:class:`jkd.losses.SequenceLogprobs` of ``[B, K]``
+arrays), ``list_scores`` and ``list_mask``, and, as for pairs, the best-scored response of each
+list as ``student_logits``/``teacher_logits``/``labels`` (an NLL term on it is RPO's).
+
 A **KTO** batch holds ``tokens``, ``labels`` (optionally ``loss_mask``) and ``desirable`` ``[B]``
 bool; optionally ``reference_logps`` and ``reference_kl_logps`` ``[B]``. KTO's reference point
 needs the completions on *mismatched* prompts: taken from ``kl_tokens``/``kl_labels`` when the
@@ -50,6 +60,8 @@ _PAIR_KEYS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_lab
 _PAIR_REFERENCE = ("reference_chosen_logps", "reference_rejected_logps")
 _KTO_KEYS = ("tokens", "labels", "desirable")
 _KTO_REFERENCE = ("reference_logps", "reference_kl_logps")
+_LIST_KEYS = ("list_tokens", "list_labels", "list_scores")
+_LIST_REFERENCE = ("reference_list_logps",)
 _SPARSE = set(preference_objective.SPARSE_PAIR_INPUTS)
 #: Optional batch fields of a paired batch holding the teacher's top-k (``{side}_`` prefixed:
 #: ``chosen_``/``rejected_``): ids and log-probs ``[B, T, k]``, tail ``[B, T]``, and the
@@ -60,8 +72,16 @@ TOPK_FIELDS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logpro
 
 
 def is_preference_batch(batch: Mapping[str, Any]) -> bool:
-  """True for a paired (``chosen_tokens``) or a KTO (``desirable``) batch."""
-  return "chosen_tokens" in batch or "desirable" in batch
+  """True for a paired (``chosen_tokens``), a list (``list_tokens``) or a KTO (``desirable``)
+  batch."""
+  return "chosen_tokens" in batch or "desirable" in batch or "list_tokens" in batch
+
+
+def _given(keys) -> tuple[str, ...]:
+  """The precomputed reference fields of a batch with these keys."""
+  if "desirable" in keys:
+    return _KTO_REFERENCE
+  return _LIST_REFERENCE if "list_tokens" in keys else _PAIR_REFERENCE
 
 
 def _needed_inputs(objective: losses.Objective) -> tuple[set[str], bool]:
@@ -70,7 +90,7 @@ def _needed_inputs(objective: losses.Objective) -> tuple[set[str], bool]:
   for t in objective.terms:
     needs = {n for alternative in t.term.needs for n in alternative}
     names |= needs
-    other |= not needs & {"policy_chosen", "policy"} and not needs <= _SPARSE
+    other |= not needs & {"policy_chosen", "policy", "policy_list"} and not needs <= _SPARSE
   return names, other
 
 
@@ -94,24 +114,29 @@ def runs_teacher(objective: losses.Objective, batch_keys) -> bool:
   other than the preference ones is in."""
   names, other = _needed_inputs(objective)
   keys = set(batch_keys)
-  given = _KTO_REFERENCE if "desirable" in keys else _PAIR_REFERENCE
+  given = _given(keys)
   topk = "chosen_teacher_topk" in names and "chosen_teacher_topk_ids" not in keys
-  return other or topk or (bool(names & {"ref_chosen", "ref"}) and not set(given) <= keys)
+  return other or topk or (bool(names & {"ref_chosen", "ref", "ref_list"})
+                           and not set(given) <= keys)
 
 
 def _check(batch: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  kto = "desirable" in batch
-  required, given = (_KTO_KEYS, _KTO_REFERENCE) if kto else (_PAIR_KEYS, _PAIR_REFERENCE)
+  kto, lists = "desirable" in batch, "list_tokens" in batch
+  required = _KTO_KEYS if kto else _LIST_KEYS if lists else _PAIR_KEYS
+  given = _given(batch.keys())
   missing = [k for k in required if k not in batch]
   if missing:
-    raise ValueError(f"a {'KTO' if kto else 'paired preference'} batch needs {list(required)};"
-                     f" missing {missing} (the batch has {sorted(batch)}).")
-  if not kto and jnp.shape(batch["chosen_tokens"]) != jnp.shape(batch["rejected_tokens"]):
+    kind = "KTO" if kto else "list" if lists else "paired preference"
+    raise ValueError(f"a {kind} batch needs {list(required)}; missing {missing} (the batch has"
+                     f" {sorted(batch)}).")
+  if lists:
+    _check_list_shapes(batch)
+  elif not kto and jnp.shape(batch["chosen_tokens"]) != jnp.shape(batch["rejected_tokens"]):
     raise ValueError(f"chosen_tokens {jnp.shape(batch['chosen_tokens'])} and rejected_tokens"
                      f" {jnp.shape(batch['rejected_tokens'])} differ in shape: pad both to one"
                      " [B, T].")
   half = [k for k in given if k in batch]
-  if len(half) == 1:
+  if len(given) > 1 and len(half) == 1:
     raise ValueError(f"the batch has {half[0]} but not {[k for k in given if k not in batch]}:"
                      " give both precomputed reference fields or neither.")
   return required, given
@@ -173,43 +198,16 @@ def _from_batch(sums: jax.Array, count: jax.Array) -> losses.SequenceLogprobs:
                                                           jnp.nan), count=count)
 
 
-def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
-                      student_config: models.ModelConfig,
-                      teacher_config: models.ModelConfig | None, objective: losses.Objective,
-                      fused: bool = False) -> tuple[dict[str, Any], jax.Array]:
-  """The objective's inputs for a paired or KTO batch (see the module docstring).
-
-  Args:
-    params: the student's (policy's) parameters.
-    teacher_params: the frozen teacher (the reference model), or None.
-    batch: a paired or KTO batch, ``[B, T]`` token fields.
-    student_config, teacher_config: the models' configs.
-    objective: the objective (decides whether the teacher runs).
-    fused: sequence log-probs from hidden states and the head, chunked over tokens.
+def _forward(params, teacher_params, batch, tokens, labels, given, *, student_config,
+             teacher_config, objective, fused):
+  """Runs the student (and the teacher when needed) over ``[N, T]`` rows once.
 
   Returns:
-    ``(inputs, aux)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``
-    (KTO: ``policy``, ``ref``, ``policy_kl``, ``ref_kl``, ``desirable``) as
-    :class:`jkd.losses.SequenceLogprobs` of ``[B]`` arrays; ``labels``, ``student_logits``
-    ``[B, T, V]`` (and the teacher's) of the chosen (KTO: the given) completions; ``aux`` the
-    MoE router loss (0 without experts).
+    ``(s, head, t, t_head, policy, ref)``: the models' outputs and heads (``t``/``t_head`` None
+    when the teacher does not run), and the rows' :class:`jkd.losses.SequenceLogprobs` under the
+    student and the reference (the batch's ``given`` fields concatenated in order, else the
+    teacher's, else None).
   """
-  _, given = _check(batch)
-  if "desirable" in batch:
-    first = (jnp.asarray(batch["tokens"]), _labels(batch["labels"], batch.get("loss_mask")))
-    if "kl_tokens" in batch:
-      second = (jnp.asarray(batch["kl_tokens"]), _labels(batch["kl_labels"], None))
-    else:
-      second = mismatched_pairs(*first)
-  else:
-    first = (jnp.asarray(batch["chosen_tokens"]),
-             _labels(batch["chosen_labels"], batch.get("chosen_loss_mask")))
-    second = (jnp.asarray(batch["rejected_tokens"]),
-              _labels(batch["rejected_labels"], batch.get("rejected_loss_mask")))
-  b = first[0].shape[0]
-  tokens = jnp.concatenate([first[0], second[0]], axis=0)
-  labels = jnp.concatenate([first[1], second[1]], axis=0)
-
   s = models.apply(params, tokens, config=student_config, return_logits=not fused)
   head = models.output_head(params, student_config)
   t = t_head = None
@@ -226,11 +224,58 @@ def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapp
 
   policy = logprobs(s, head)
   if all(k in batch for k in given):
-    ref = _from_batch(jnp.concatenate([jnp.asarray(batch[k]) for k in given]), policy.count)
+    ref = _from_batch(jnp.concatenate([jnp.asarray(batch[k]).reshape(-1) for k in given]),
+                      policy.count)
   elif t is not None:
     ref = jax.tree.map(jax.lax.stop_gradient, logprobs(t, t_head))
   else:
     ref = None
+  return s, head, t, t_head, policy, ref
+
+
+def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapping[str, Any], *,
+                      student_config: models.ModelConfig,
+                      teacher_config: models.ModelConfig | None, objective: losses.Objective,
+                      fused: bool = False) -> tuple[dict[str, Any], jax.Array]:
+  """The objective's inputs for a paired, list or KTO batch (see the module docstring).
+
+  Args:
+    params: the student's (policy's) parameters.
+    teacher_params: the frozen teacher (the reference model), or None.
+    batch: a paired or KTO batch, ``[B, T]`` token fields, or a list batch, ``[B, K, T]``.
+    student_config, teacher_config: the models' configs.
+    objective: the objective (decides whether the teacher runs).
+    fused: sequence log-probs from hidden states and the head, chunked over tokens.
+
+  Returns:
+    ``(inputs, aux)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``
+    (KTO: ``policy``, ``ref``, ``policy_kl``, ``ref_kl``, ``desirable``) as
+    :class:`jkd.losses.SequenceLogprobs` of ``[B]`` arrays (lists: ``policy_list``, ``ref_list``
+    of ``[B, K]`` arrays, ``list_scores``, ``list_mask``); ``labels``, ``student_logits``
+    ``[B, T, V]`` (and the teacher's) of the chosen (KTO: the given; lists: the best-scored)
+    completions; ``aux`` the MoE router loss (0 without experts).
+  """
+  _, given = _check(batch)
+  common = dict(student_config=student_config, teacher_config=teacher_config,
+                 objective=objective, fused=fused)
+  if "list_tokens" in batch:
+    return _list_inputs(params, teacher_params, batch, given, **common)
+  if "desirable" in batch:
+    first = (jnp.asarray(batch["tokens"]), _labels(batch["labels"], batch.get("loss_mask")))
+    if "kl_tokens" in batch:
+      second = (jnp.asarray(batch["kl_tokens"]), _labels(batch["kl_labels"], None))
+    else:
+      second = mismatched_pairs(*first)
+  else:
+    first = (jnp.asarray(batch["chosen_tokens"]),
+             _labels(batch["chosen_labels"], batch.get("chosen_loss_mask")))
+    second = (jnp.asarray(batch["rejected_tokens"]),
+              _labels(batch["rejected_labels"], batch.get("rejected_loss_mask")))
+  b = first[0].shape[0]
+  tokens = jnp.concatenate([first[0], second[0]], axis=0)
+  labels = jnp.concatenate([first[1], second[1]], axis=0)
+  s, head, t, t_head, policy, ref = _forward(params, teacher_params, batch, tokens, labels,
+                                             given, **common)
   halves = lambda lp: ((None, None) if lp is None else  # noqa: E731
                        (jax.tree.map(lambda x: x[:b], lp), jax.tree.map(lambda x: x[b:], lp)))
   (pa, pb), (ra, rb) = halves(policy), halves(ref)
@@ -248,6 +293,56 @@ def preference_inputs(params: PyTree, teacher_params: PyTree | None, batch: Mapp
   if _needed_inputs(objective)[0] & _SPARSE:
     inputs.update(_sparse_pair_inputs(batch, s, t, (first[1], second[1]), b,
                                       k=topk_size(objective), fused=fused))
+  aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
+  return inputs, jnp.asarray(aux, jnp.float32)
+
+
+def _check_list_shapes(batch: Mapping[str, Any]) -> None:
+  shape = tuple(jnp.shape(batch["list_tokens"]))
+  if len(shape) != 3 or shape[1] < 2:
+    raise ValueError(f"list_tokens must be [B, K, T] with K >= 2 responses per prompt, got"
+                     f" {list(shape)}.")
+  want = {"list_labels": shape, "list_loss_mask": shape, "list_scores": shape[:2],
+          "list_mask": shape[:2], "reference_list_logps": shape[:2]}
+  for name, expect in want.items():
+    if name in batch and tuple(jnp.shape(batch[name])) != expect:
+      raise ValueError(f"{name} has shape {list(jnp.shape(batch[name]))} but list_tokens"
+                       f" {list(shape)} needs {list(expect)}.")
+
+
+def _list_mask(batch: Mapping[str, Any], labels: jax.Array) -> jax.Array:
+  """``list_mask``, or (absent) True where a response has a completion label."""
+  if "list_mask" in batch:
+    return jnp.asarray(batch["list_mask"], bool)
+  return jnp.any(labels != losses.IGNORE_INDEX, axis=-1)
+
+
+def _list_inputs(params, teacher_params, batch, given, *, student_config, teacher_config,
+                 objective, fused):
+  """:func:`preference_inputs` of a list batch: the ``B * K`` rows through the models once."""
+  if _needed_inputs(objective)[0] & _SPARSE:
+    raise ValueError("the dckd/adpa terms need paired batches (chosen/rejected), not lists.")
+  b, k, t_len = jnp.shape(batch["list_tokens"])
+  labels3 = _labels(batch["list_labels"], batch.get("list_loss_mask"))
+  tokens = jnp.asarray(batch["list_tokens"]).reshape(b * k, t_len)
+  labels = labels3.reshape(b * k, t_len)
+  s, head, t, t_head, policy, ref = _forward(
+      params, teacher_params, batch, tokens, labels, given, student_config=student_config,
+      teacher_config=teacher_config, objective=objective, fused=fused)
+  grid = lambda lp: None if lp is None else jax.tree.map(  # noqa: E731
+      lambda x: x.reshape(b, k), lp)
+  scores = jnp.asarray(batch["list_scores"], jnp.float32)
+  mask = _list_mask(batch, labels3)
+  best = losses.best_and_worst(scores, mask)[0]
+  rows = jnp.arange(b) * k + best  # The best-scored response of each list.
+  pick = lambda x: None if x is None else x[rows]  # noqa: E731
+  inputs = {"policy_list": grid(policy), "ref_list": grid(ref), "list_scores": scores,
+            "list_mask": mask, "labels": labels[rows], "where": None,
+            "student_logits": pick(s.logits), "student_hidden": pick(s.hidden),
+            "student_head": head}
+  if t is not None:
+    inputs.update(teacher_logits=pick(t.logits), teacher_hidden=pick(t.hidden),
+                  teacher_head=t_head)
   aux = s.aux_loss * student_config.router_aux_loss_coef if student_config.num_experts else 0.0
   return inputs, jnp.asarray(aux, jnp.float32)
 
@@ -339,8 +434,12 @@ def pair_teacher_targets(pairs: Mapping[str, Any], *, teacher: tuple[PyTree, mod
 
 
 def completion_tokens(batch: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
-  """``train/tokens``: the counted (completion) tokens of a batch; chosen + rejected for pairs."""
-  if "chosen_labels" in batch:
+  """``train/tokens``: the counted (completion) tokens of a batch; chosen + rejected for pairs,
+  every response for lists."""
+  if "list_labels" in batch:
+    count = jnp.sum(_labels(batch["list_labels"], batch.get("list_loss_mask"))
+                    != losses.IGNORE_INDEX)
+  elif "chosen_labels" in batch:
     count = sum(jnp.sum(_labels(batch[f"{side}_labels"], batch.get(f"{side}_loss_mask"))
                         != losses.IGNORE_INDEX) for side in ("chosen", "rejected"))
   else:
@@ -351,7 +450,11 @@ def completion_tokens(batch: Mapping[str, Any], inputs: Mapping[str, Any]) -> ja
 def work(batch_shapes: Mapping[str, tuple[int, ...]], objective: losses.Objective
          ) -> tuple[int, int, int]:
   """``(rows the student runs, rows the teacher runs, sequence length)`` of one batch with these
-  array shapes (pairs: chosen + rejected; KTO: the given and the mismatched rows)."""
+  array shapes (pairs: chosen + rejected; lists: every response slot; KTO: the given and the
+  mismatched rows)."""
+  if "list_tokens" in batch_shapes:
+    b, k, seq = batch_shapes["list_tokens"][:3]
+    return b * k, b * k if runs_teacher(objective, batch_shapes) else 0, seq
   if "chosen_tokens" in batch_shapes:
     rows, seq = batch_shapes["chosen_tokens"][:2]
   else:

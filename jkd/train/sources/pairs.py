@@ -1,6 +1,12 @@
 """Preference pairs as batch sources: ``data.source`` ``preference`` (text pairs from JSONL files
 or a TFDS dataset, tokenised with the teacher's tokenizer) and ``synthetic_pairs``; with
 ``data.shape="unpaired"`` each pair becomes two KTO rows (:class:`UnpairedSource`).
+
+Step-DPO and TPO (:mod:`jkd.data.ranked`): ``step_pairs`` (JSONL files of ``{"prompt", "prefix",
+"chosen_step", "rejected_step"}``, each a pair whose context is the prompt and the correct
+prefix, labels on the step), ``ranked`` (JSONL files of ``{"prompt", "responses", "scores"}``:
+list batches of ``K`` = the longest list in the files) and ``synthetic_ranked`` (random lists of
+up to :data:`SYNTHETIC_LIST_SIZE` responses). These are read and tokenised into memory once.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import numpy as np
 from jkd.data import jsonl
 from jkd.data import pipeline
 from jkd.data import preference
+from jkd.data import ranked
 from jkd.data import store
 from jkd.data.arrays import ArraySource, synthetic_pair_examples
 from jkd.data.source import BatchSource
 from jkd.train.sources import text
+
+#: Responses per prompt of ``data.source='synthetic_ranked'`` (lists hold 2 to this many).
+SYNTHETIC_LIST_SIZE = 4
 
 
 class UnpairedSource(BatchSource):
@@ -122,3 +132,70 @@ def preference_sources(cfg, vocab: int, tokenizer):
                                 name=f"{os.path.basename(os.path.dirname(store.find_dataset(path)))}"
                                      f":{d.split}")
   return _preference_batches(cfg, train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step pairs (Step-DPO) and ranked lists (TPO)
+
+
+def _jsonl_paths(cfg, shape: str) -> list[str]:
+  paths = jsonl.split_paths(cfg.data.path)
+  if not paths:
+    raise ValueError(f"data.source={cfg.data.source!r} needs data.path: JSONL files of {shape}.")
+  return jsonl.expand_paths(paths)
+
+
+def _overflow(cfg) -> str:
+  if cfg.data.overflow not in ("truncate", "error"):
+    raise ValueError(f"data.overflow must be 'truncate' or 'error' (got {cfg.data.overflow!r}).")
+  return cfg.data.overflow
+
+
+def _array_source(cfg, examples, rows: int) -> ArraySource:
+  n = len(examples["example_index"])
+  examples = {k: v for k, v in examples.items() if k != "example_index"}
+  if n < rows:
+    raise ValueError(f"data.source={cfg.data.source!r}: {n} examples in {cfg.data.path} but a"
+                     f" batch needs {rows}; add data or lower data.batch_size.")
+  return ArraySource(examples, rows, seed=int(cfg.data.seed))
+
+
+def step_pair_sources(cfg, vocab: int, tokenizer):
+  """``data.source='step_pairs'``: Step-DPO pairs from JSONL (:func:`jkd.data.ranked
+  .read_step_pairs_jsonl`), tokenised with the teacher's tokenizer; ``data.shape='unpaired'``
+  gives KTO rows as for ``preference``."""
+  d = cfg.data
+  text.check_tokenizer(tokenizer, vocab)
+  examples = ranked.read_step_pairs_jsonl(
+      _jsonl_paths(cfg, ranked.STEP_EXAMPLE), tokenizer, seq_len=int(d.seq_len),
+      chat_template=bool(d.chat_template), overflow=_overflow(cfg))
+  rows = max(int(d.batch_size) // (2 if d.shape == "unpaired" else 1), 1)
+  return _preference_batches(cfg, _array_source(cfg, examples, rows))
+
+
+def _list_batches(cfg, source):
+  if cfg.data.shape not in ("", "ranked"):
+    raise ValueError(f"data.source={cfg.data.source!r} serves ranked lists: data.shape must be"
+                     f" '' (got {cfg.data.shape!r}).")
+  return source, None
+
+
+def ranked_sources(cfg, vocab: int, tokenizer):
+  """``data.source='ranked'``: TPO's ranked lists from JSONL (:func:`jkd.data.ranked
+  .read_ranked_jsonl`), tokenised with the teacher's tokenizer; list batches ``[B, K, T]`` with
+  ``K`` the longest list of the files."""
+  d = cfg.data
+  text.check_tokenizer(tokenizer, vocab)
+  examples = ranked.read_ranked_jsonl(
+      _jsonl_paths(cfg, ranked.RANKED_EXAMPLE), tokenizer, seq_len=int(d.seq_len),
+      chat_template=bool(d.chat_template), overflow=_overflow(cfg))
+  return _list_batches(cfg, _array_source(cfg, examples, int(d.batch_size)))
+
+
+def synthetic_ranked_sources(cfg, vocab: int, tokenizer=None):
+  """``data.source='synthetic_ranked'``: ``data.num_examples`` random ranked lists."""
+  del tokenizer
+  d = cfg.data
+  ex = ranked.synthetic_ranked_examples(int(d.num_examples), int(d.seq_len), vocab,
+                                        list_size=SYNTHETIC_LIST_SIZE, seed=int(d.seed))
+  return _list_batches(cfg, ArraySource(ex, int(d.batch_size), seed=int(d.seed)))
