@@ -19,21 +19,17 @@ before each batch (:meth:`~jkd.data.BatchSource.before_batch`).
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
-from jkd import models
 from jkd.data import corpus
 from jkd.data import preference
 from jkd.data.arrays import ArraySource, check_token_arrays, read_npz
-from jkd.data.source import BatchSource
 from jkd.train import config
+from jkd.train.sources import round_data
 
-PyTree = Any
 _PAIR_FIELDS = ("chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels")
-_METRIC = "metric/rounds/"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +79,7 @@ def pair_sources(cfg, vocab: int, tokenizer=None) -> tuple[ArraySource, None]:
 # ---------------------------------------------------------------------------------------------
 # Distillation-DPO rounds.
 
-class RoundPairsSource(BatchSource):
+class RoundPairsSource(round_data.RoundSource):
   """Distillation-DPO's batch source: pairs re-made from the student's samples every round.
 
   Round ``r`` covers steps ``[r K, (r + 1) K)`` (``K = steps_per_round``). At its first batch
@@ -100,6 +96,9 @@ class RoundPairsSource(BatchSource):
   round boundary the state holds no pairs: the next round is made lazily at the next
   ``next()`` from the student given after the restore (the checkpointed one), as it would be.
 
+  The round mechanics are :class:`jkd.train.sources.round_data.RoundSource`'s; the state keeps
+  its own form (the round's pairs under ``"pairs"``, not ``"made"``).
+
   Args:
     prompts: prompt records (``{"prompt": text, ...}``) or texts.
     tokenizer: the teacher's (and student's) tokenizer.
@@ -112,6 +111,11 @@ class RoundPairsSource(BatchSource):
     generate_batch_size: sequences per sampling call.
   """
 
+  prefix = "rounds"
+  what = "Distillation-DPO"
+  rows_metric = "pairs"
+  settings_name = "rounds"
+
   def __init__(self, prompts: Sequence[Any], *, tokenizer, seq_len: int, batch_size: int,
                steps_per_round: int, n: int = 4, max_new_tokens: int = 64,
                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -121,62 +125,26 @@ class RoundPairsSource(BatchSource):
       raise ValueError("Distillation-DPO rounds need prompts (rounds.prompts).")
     for name, value in (("steps_per_round", steps_per_round), ("batch_size", batch_size),
                         ("max_new_tokens", max_new_tokens)):
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"rounds: {name} must be an int >= 1 (got {value!r}).")
+      round_data.check_int(f"rounds: {name}", value)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
       raise ValueError(f"rounds.n must be an int >= 2 (samples per prompt), got {n!r}.")
-    self.prompts = [p if isinstance(p, Mapping) else {"prompt": p} for p in prompts]
-    self.tokenizer, self.seq_len = tokenizer, int(seq_len)
-    self.process_index = jax.process_index() if process_index is None else int(process_index)
-    self.process_count = jax.process_count() if process_count is None else int(process_count)
-    if batch_size % self.process_count:
-      raise ValueError(f"the global batch size {batch_size} is not divisible by the"
-                       f" {self.process_count} processes.")
-    self.batch_size, self.steps_per_round = int(batch_size), int(steps_per_round)
+    super().__init__(prompts, tokenizer=tokenizer, seq_len=int(seq_len), batch_size=batch_size,
+                     steps_per_round=steps_per_round, seed=seed, chat_template=chat_template,
+                     generate_batch_size=int(generate_batch_size),
+                     process_index=process_index, process_count=process_count)
     self.sampling = dict(n=int(n), max_new_tokens=int(max_new_tokens),
                          temperature=float(temperature), top_p=float(top_p),
-                         batch_size=int(generate_batch_size), chat_template=bool(chat_template))
-    self.seed = int(seed)
-    self._teacher: tuple[PyTree, models.ModelConfig] | None = None
-    self._student_config: models.ModelConfig | None = None
-    self._params: PyTree | None = None
-    self._step = 0
-    self._round: int | None = None
-    self._pairs: list[dict[str, Any]] = []
-    self._arrays: dict[str, np.ndarray] = {}
-
-  # The engine's hooks. -------------------------------------------------------------------------
-
-  def bind_models(self, *, teacher_params: PyTree, teacher_config: models.ModelConfig,
-                 student_config: models.ModelConfig) -> None:
-    """The teacher (the scorer) and the student's config (to sample from it)."""
-    self._teacher = (teacher_params, teacher_config)
-    self._student_config = student_config
-
-  def before_batch(self, params: PyTree) -> None:
-    """The student parameters the next round samples from."""
-    self._params = params
+                         batch_size=self.generate_batch_size, chat_template=self.chat_template)
 
   # Rounds. -------------------------------------------------------------------------------------
 
-  @property
-  def round(self) -> int:
-    """The round of the next batch."""
-    return self._step // self.steps_per_round
-
   def make_round(self, round_index: int) -> list[dict[str, Any]]:
     """The pairs of round ``round_index`` from the current student (text, ranked)."""
-    if self._teacher is None or self._student_config is None:
-      raise ValueError("a Distillation-DPO round needs the teacher: call bind_models(...) first"
-                       " (jkd.train.train does).")
-    if self._params is None:
-      raise ValueError("a Distillation-DPO round samples from the student: call"
-                       " before_batch(params) before next() (jkd.train.train does).")
+    teacher_params, teacher_config = self.teacher()
+    policy = self.student()
     s = self.sampling
-    teacher_params, teacher_config = self._teacher
     pairs = preference.make_pairs(
-        self.prompts, policy=(self._params, self._student_config), tokenizer=self.tokenizer,
-        scorer="teacher_logprob",
+        self.prompts, policy=policy, tokenizer=self.tokenizer, scorer="teacher_logprob",
         scorer_options={"params": teacher_params, "config": teacher_config,
                         "batch_size": s["batch_size"]},
         n=s["n"], max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
@@ -184,68 +152,49 @@ class RoundPairsSource(BatchSource):
         chat_template=s["chat_template"])
     return [dict(p) for p in pairs]
 
-  def _use(self, round_index: int, pairs: list[dict[str, Any]]) -> None:
+  def _make(self, round_index: int) -> dict[str, Any]:
+    return {"records": self.make_round(round_index)}
+
+  def rows(self, records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The tokenized pairs (``_PAIR_FIELDS``; pairs that do not fit are dropped)."""
     rows = []
-    for p in pairs:
+    for p in records:
       try:
         row = preference.tokenize_preference(p, self.tokenizer, seq_len=self.seq_len,
-                                             chat_template=self.sampling["chat_template"],
-                                             overflow="drop")
+                                             chat_template=self.chat_template, overflow="drop")
       except ValueError:  # E.g. identical once truncated: no preference signal.
         row = None
       if row is not None:
         rows.append(row)
     if not rows:
-      raise ValueError(f"Distillation-DPO round {round_index} made no usable pair from"
-                       f" {len(self.prompts)} prompts (all samples scored equal, were empty, or"
-                       f" did not fit data.seq_len={self.seq_len}): raise rounds.n,"
-                       " rounds.temperature or data.seq_len, or give more prompts.")
-    self._round, self._pairs = round_index, pairs
-    self._arrays = {k: np.stack([r[k] for r in rows]) for k in _PAIR_FIELDS}
+      return {}
+    return {k: np.stack([r[k] for r in rows]) for k in _PAIR_FIELDS}
 
-  def _batch(self, round_index: int, i: int) -> dict[str, np.ndarray]:
-    count = len(self._arrays["chosen_tokens"])
-    rng = np.random.default_rng([self.seed, round_index, i])
-    rows = rng.choice(count, size=self.batch_size, replace=count < self.batch_size)
-    local = self.batch_size // self.process_count
-    rows = rows[self.process_index * local:(self.process_index + 1) * local]
-    batch = {k: v[rows] for k, v in self._arrays.items()}
-    batch[_METRIC + "round"] = np.full(local, round_index, np.float32)
-    batch[_METRIC + "pairs"] = np.full(local, count, np.float32)
-    return batch
+  def empty_message(self, round_index: int, made: Mapping[str, Any]) -> str:
+    del made
+    return (f"Distillation-DPO round {round_index} made no usable pair from"
+            f" {len(self.prompts)} prompts (all samples scored equal, were empty, or"
+            f" did not fit data.seq_len={self.seq_len}): raise rounds.n,"
+            " rounds.temperature or data.seq_len, or give more prompts.")
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    r = self.round
-    if self._round != r:
-      self._use(r, self.make_round(r))
-    batch = self._batch(r, self._step % self.steps_per_round)
-    self._step += 1
-    return batch
-
-  def one_epoch(self) -> Iterator[dict[str, np.ndarray]]:
-    """The current round's batches (none before the first round is made)."""
-    if self._round is not None:
-      for i in range(self.steps_per_round):
-        yield self._batch(self._round, i)
+  @property
+  def _pairs(self) -> list[dict[str, Any]]:
+    """The pairs of the round in use (text; empty before the first)."""
+    return self._made.get("records", [])
 
   def get_state(self) -> dict[str, Any]:
     """The step and, in the middle of a round, the round's pairs (JSON)."""
-    mid = self._round is not None and self._round == self.round and (
-        self._step % self.steps_per_round)
-    return {"step": self._step, "seed": self.seed, "steps_per_round": self.steps_per_round,
-            "round": self._round if mid else None, "pairs": self._pairs if mid else None}
+    state = super().get_state()
+    made = state.pop("made")
+    state["pairs"] = None if made is None else made["records"]
+    return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Resumes after :meth:`get_state` (the same seed and ``steps_per_round``)."""
-    for key in ("seed", "steps_per_round"):
-      if key not in state or int(state[key]) != getattr(self, key):
-        raise ValueError(f"the checkpoint's data state has {key}={state.get(key)!r} but this"
-                         f" run {getattr(self, key)}: resume with the same rounds settings and"
-                         " seed, or start a new workdir.")
-    self._step = int(state["step"])
-    self._round, self._pairs, self._arrays = None, [], {}
-    if state.get("pairs") is not None:
-      self._use(int(state["round"]), list(state["pairs"]))
+    state = dict(state)
+    pairs = state.pop("pairs", None)
+    state["made"] = None if pairs is None else {"records": list(pairs)}
+    super().set_state(state)
 
 
 def round_sources(cfg, vocab: int, tokenizer) -> tuple[RoundPairsSource, None]:
