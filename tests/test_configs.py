@@ -33,7 +33,11 @@ OWN_TESTS = {"demo": "tests/test_demo.py (its 'tiny' variant)",
              "kd_tiny": "tests/test_train_loop.py",
              "adpa": "tests/test_recipes_alignment.py", "distill_dpo":
              "tests/test_recipes_alignment.py", "miniplm": "tests/test_recipes_selection.py",
-             "ddk": "tests/test_recipes_selection.py"}
+             "ddk": "tests/test_recipes_selection.py",
+             "multi_teacher": "tests/test_multi_teacher.py (trained tiny teachers per domain)",
+             "self_imitation": "tests/test_self_imitation.py",
+             "arte": "tests/test_arte.py (a trained tiny teacher, tuned and untuned)",
+             "dual_head": "tests/test_dual_head.py"}
 RECIPES = [n for n in CONFIGS if n not in OWN_TESTS]
 
 

@@ -9,6 +9,7 @@ from jkd.losses.divergences import (
     CORES,
     DIVERGENCES,
     adaptive_kl,
+    balanced_kl,
     forward_kl,
     full_divergence,
     generalized_jsd,
@@ -51,6 +52,7 @@ from jkd.losses.tokens import (
 )
 from jkd.losses.objective import (
     LOSS_TERMS,
+    STATE_INPUTS,
     LossTerm,
     Objective,
     build_objective,
@@ -88,5 +90,28 @@ from jkd.losses.reference_free import (
     simpo_loss,
 )
 from jkd.losses.aligned_teacher import SparseTeacher, adpa_advantage_loss, dckd_loss
+from jkd.losses.listwise import (
+    best_and_worst,
+    lambda_weights,
+    ranking_metrics,
+    reward_ranks,
+    tpo_loss,
+)
 from jkd.losses import preference_objective as _terms  # noqa: F401  (registers terms)
+from jkd.losses.qcrd import qcrd_loss, quality_from_logps  # (registers the 'qcrd' term)
 from jkd.losses.uld import align_by_offsets, gather_aligned_logits, uld_loss
+from jkd.losses.contrastive import (  # (registers the 'crd' term)
+    CRDBank,
+    crd_bank_init,
+    crd_bank_push,
+    crd_loss,
+    crd_pool,
+    crd_project,
+    init_crd_projection,
+)
+from jkd.losses.dual_head import (  # (registers the 'dual_head' term)
+    aux_head,
+    dual_head_logprobs,
+    export_params,
+    merged_head,
+)

@@ -38,8 +38,9 @@ _EXPORTS = {
     "fit_power_law": "monitor",
     "summarize": "report", "write_report": "report",
     "RoundPairsSource": "sources.rounds",
+    "QCRDSource": "sources.qcrd", "SelfImitationSource": "sources.self_imitation",
     "DDKSource": "sources.ddk", "SelectedSource": "sources.miniplm",
-    "run": "stages", "split_prompts": "sources.corpus",
+    "run": "stages", "split_prompts": "sources.corpus", "prepare_arte": "sources.arte",
     "greedy_answers": "answers", "judge_nll": "answers", "rouge_l": "answers",
 }
 

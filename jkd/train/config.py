@@ -119,6 +119,12 @@ Keys:
 ``data.source=pairs``      tokenized pairs from an ``.npz`` (``path``), with any extra per-pair
                            arrays such as the teacher targets of
                            :func:`jkd.train.preference_step.pair_teacher_targets` (ADPA)
+``data.source=step_pairs``  Step-DPO (:mod:`jkd.data.ranked`): ``path``, JSONL files of
+                           ``{"prompt", "prefix", "chosen_step", "rejected_step"}`` (pairs whose
+                           context is the prompt and the prefix, labels on the step);
+                           ``ranked``: JSONL files of ``{"prompt", "responses", "scores"}`` (TPO
+                           list batches, ``K`` = the longest list); ``synthetic_ranked``:
+                           ``num_examples`` random lists
 ``data.source=rounds``     Distillation-DPO (:mod:`jkd.train.sources.rounds`): every
                            ``rounds.steps_per_round`` steps the student samples ``rounds.n``
                            completions (``max_new_tokens``, ``temperature``, ``top_p``; sampled
@@ -134,7 +140,35 @@ Keys:
                            Domains: ``ddk.path`` (JSONL files whose lines have a ``domain``
                            field; ``ddk.eval_fraction`` of each domain is its eval set) or, when
                            empty, ``ddk.num_domains`` synthetic bigram chains
-                           (``data.num_examples``/``eval_examples`` each)
+                           (``data.num_examples``/``eval_examples`` each); every example carries
+                           its domain's index as ``domain`` (``teachers.domains`` order if set)
+``teachers.*``             several teachers (:mod:`jkd.train.teachers`): teacher 0 is the
+                           ``teacher`` section, ``specs`` the later ones (comma-separated model
+                           specs), ``dtypes``/``param_dtypes`` theirs (``""``: the teacher's);
+                           ``routing`` ``field`` (each example's teacher from the int batch
+                           field ``field``, default ``domain``), ``fixed`` (``weights``) or
+                           ``gate`` (a learned gate, ``balance`` its load-balancing weight);
+                           ``domains``: domain names in teacher order (``data.source=domains``)
+``data.source=self_imitation``  Symbolic KD / I2D2 (:mod:`jkd.train.sources.self_imitation`):
+                           each ``self_imitation.steps_per_round`` steps a round's data is made:
+                           the teacher (round 0) or the student (later rounds) samples ``n``
+                           completions per prompt, the ``critic`` (``critic_options``; see
+                           :mod:`jkd.data.critics`) scores them and the top ``keep_fraction``
+                           scoring at least ``threshold`` (``-inf``: none) are kept; logged per
+                           round as ``self_imitation/keep_rate``, ``score_all``, ``score_kept``
+``data.source=qcrd``       QCRD (:mod:`jkd.train.sources.qcrd`): the teacher's ``qcrd.positives``
+                           rationales (``teacher_temperature``, self-consistency on
+                           ``answer_pattern``) paired with ``qcrd.negatives`` samples of the
+                           current student per round (``negative_temperature``)
+``data.source=arte_corpus``  ARTE (:mod:`jkd.train.sources.arte`): before training the teacher
+                           drafts ``arte.n`` answers (``temperature``) to ``arte.prompts``
+                           training prompts (0: all), the initial student scores each by the drop
+                           in its NLL on ``arte.validation`` after ``lookahead_steps`` SGD steps
+                           of ``lookahead_lr`` on it, the best/worst of each prompt DPO-tune a
+                           copy of the teacher (``beta``, ``dpo_steps``, ``dpo_lr``,
+                           ``dpo_batch_size``), and the tuned teacher writes the corpus (the
+                           ``corpus`` section's prompts and sampling); ``arte.eval``: the eval
+                           set; ``tune=False``: the untuned teacher writes it
 ``checkpoint.every``       steps between checkpoints (0: only at the end and on SIGTERM);
                            ``keep``: newest to keep; ``best_metric``/``best_mode``: also keep the
                            best by an eval metric (e.g. ``eval/kl_forward``, ``min``);
@@ -164,6 +198,22 @@ OPTIONAL_SECTIONS: dict[str, dict] = {
     "rounds": dict(steps_per_round=50, n=4, max_new_tokens=64, temperature=1.0, top_p=1.0,
                    prompts="", limit=0, generate_batch_size=8),
     "ddk": dict(num_domains=3, path="", eval_fraction=0.1, alpha=0.5, floor=0.1),
+    # Several teachers (jkd.train.teachers): specs of teachers 1.. (teacher 0: teacher.source).
+    "teachers": dict(specs="", dtypes="", param_dtypes="", routing="field", field="domain",
+                     weights="", balance=0.0, domains=""),
+    # data.source=arte_corpus (jkd.train.sources.arte), with the corpus section.
+    "arte": dict(tune=True, prompts=0, n=4, temperature=1.0, validation="", eval="",
+                 lookahead_lr=1e-3, lookahead_steps=1, score_batch_size=4, min_gap=0.0,
+                 beta=0.1, dpo_steps=50, dpo_lr=1e-6, dpo_batch_size=8),
+    # data.source=self_imitation (jkd.train.sources.self_imitation); threshold -inf: none.
+    "self_imitation": dict(steps_per_round=50, n=4, keep_fraction=0.5, threshold=float("-inf"),
+                           critic="teacher_logprob", critic_options={}, max_new_tokens=64,
+                           temperature=1.0, top_p=1.0, prompts="", limit=0,
+                           generate_batch_size=8),
+    # data.source=qcrd (jkd.train.sources.qcrd).
+    "qcrd": dict(steps_per_round=50, positives=4, negatives=2, teacher_temperature=0.7,
+                 negative_temperature=1.5, max_new_tokens=64, top_p=1.0, answer_pattern="",
+                 prompts="", limit=0, generate_batch_size=8),
 }
 
 

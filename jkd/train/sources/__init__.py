@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 from jkd.train import build
+from jkd.train.sources import arte
 from jkd.train.sources import corpus
 from jkd.train.sources import ddk
 from jkd.train.sources import in_memory
@@ -22,6 +23,8 @@ from jkd.train.sources import miniplm
 from jkd.train.sources import onpolicy
 from jkd.train.sources import pairs
 from jkd.train.sources import rounds
+from jkd.train.sources import qcrd as qcrd_source
+from jkd.train.sources import self_imitation
 from jkd.train.sources import text
 
 
@@ -49,10 +52,16 @@ DATA_SOURCES: dict[str, DataSource] = {
     "tfds": DataSource(text.tfds_sources, tokenizer="text"),
     "preference": DataSource(pairs.preference_sources, tokenizer="always"),
     "synthetic_pairs": DataSource(pairs.synthetic_pair_sources),
+    "step_pairs": DataSource(pairs.step_pair_sources, tokenizer="always"),
+    "ranked": DataSource(pairs.ranked_sources, tokenizer="always"),
+    "synthetic_ranked": DataSource(pairs.synthetic_ranked_sources),
     "pairs": DataSource(rounds.pair_sources),
     "rounds": DataSource(rounds.round_sources, tokenizer="always"),
     "domains": DataSource(ddk.domain_sources, tokenizer=lambda cfg: bool(ddk.uses_text(cfg))),
     "teacher_corpus": DataSource(None, prepare=corpus.prepare_corpus),
+    "arte_corpus": DataSource(None, prepare=arte.prepare_arte),
+    "self_imitation": DataSource(self_imitation.self_imitation_sources, tokenizer="always"),
+    "qcrd": DataSource(qcrd_source.qcrd_sources, tokenizer="always"),
 }
 
 
