@@ -273,9 +273,9 @@ def test_grad_accum_fills_the_bank_with_every_rows_embeddings():
   banks = {}
   for accum in (1, 2):
     state = train.init_state(sparams, opt, obj, term_params)
-    step = jax.jit(train.make_train_step(student_config=scfg, teacher_config=tcfg,
-                                         objective=obj, optimizer=opt, schedule=sched,
-                                         grad_accum=accum))
+    step = jit(train.make_train_step(student_config=scfg, teacher_config=tcfg,
+                                     objective=obj, optimizer=opt, schedule=sched,
+                                     grad_accum=accum))
     state, _ = step(state, batch, jax.random.key(0), tparams)
     bank = state.objective_state["crd"]
     assert int(bank.filled) == 4, accum
