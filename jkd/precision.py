@@ -13,6 +13,19 @@ bf16 operands *and* a bf16 result runs at float32 speed, while one with a float3
 AVX512-BF16 kernels at twice that, and autodiff of a ``preferred_element_type=float32`` product
 would hand its transposes a float32 cotangent (float32 speed again). ``bench/train_step.py
 --precision bfloat16`` measures the difference.
+
+What is kept on every backend, and what on XLA:CPU alone (:func:`jkd.runtime.xla_cpu`, at trace
+time):
+
+* the custom gradient (low-precision operands in all three products, float32 accumulation,
+  each gradient in its operand's dtype) runs everywhere: with autodiff's float32 cotangent a
+  GPU or TPU would also run the two backward products on float32 operands, at a fraction of its
+  bf16 rate (as PyTorch's autocast does, the backward stays in bf16);
+* each product is flattened to a plain 2-D ``[M, K] x [K, N]`` one on XLA:CPU only, whose
+  fallback dot (taken for other layouts) has no bf16 x bf16 -> f32 kernel. GPUs and TPUs contract
+  several axes natively, and on a TPU a reshape that merges tiled axes (``[heads, head_dim]``)
+  would cost a relayout copy: there the products are ``dot_general`` over the original axes.
+  Both forms give the same numbers, up to the order of the float32 sums.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jkd import runtime
+
 Array = jax.Array
 
 
@@ -32,28 +47,41 @@ def _matrix(a: Array, rows: int) -> Array:
   return a.reshape(math.prod(a.shape[:rows]), math.prod(a.shape[rows:]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _low_precision_dot(x, w, contract, dtype, out_dtype, x_dtype, w_dtype):
-  return _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _low_precision_dot(x, w, contract, dtype, out_dtype, x_dtype, w_dtype, flat):
+  return _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype, flat)[0]
 
 
-# Every product is a plain 2-D [M, K] x [K, N] one (or with one operand transposed): XLA:CPU's
-# fallback dot (taken for other layouts) has no bf16 x bf16 -> f32 kernel.
-def _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype):
+# flat (XLA:CPU): every product is a plain 2-D [M, K] x [K, N] one (or with one operand
+# transposed), since XLA:CPU's fallback dot (taken for other layouts) has no bf16 x bf16 -> f32
+# kernel. Otherwise each is a dot_general over the operands' own axes.
+def _fwd(x, w, contract, dtype, out_dtype, x_dtype, w_dtype, flat):
   del x_dtype, w_dtype
   xc, wc = x.astype(dtype), w.astype(dtype)
   free_x = x.ndim - contract
-  y = jnp.dot(_matrix(xc, free_x), _matrix(wc, contract), preferred_element_type=jnp.float32)
-  return y.astype(out_dtype).reshape(x.shape[:free_x] + w.shape[contract:]), (xc, wc)
+  if flat:
+    y = jnp.dot(_matrix(xc, free_x), _matrix(wc, contract), preferred_element_type=jnp.float32)
+    y = y.reshape(x.shape[:free_x] + w.shape[contract:])
+  else:
+    y = lax.dot_general(xc, wc, _dims(x.ndim, contract), preferred_element_type=jnp.float32)
+  return y.astype(out_dtype), (xc, wc)
 
 
-def _bwd(contract, dtype, out_dtype, x_dtype, w_dtype, residuals, g):
+def _bwd(contract, dtype, out_dtype, x_dtype, w_dtype, flat, residuals, g):
   del out_dtype
   xc, wc = residuals
   free_x = xc.ndim - contract
-  xm, wm, gm = _matrix(xc, free_x), _matrix(wc, contract), _matrix(g.astype(dtype), free_x)
-  dx = lax.dot_general(gm, wm, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  dw = lax.dot_general(xm, gm, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  g = g.astype(dtype)
+  if flat:
+    xm, wm, gm = _matrix(xc, free_x), _matrix(wc, contract), _matrix(g, free_x)
+    dx = lax.dot_general(gm, wm, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = lax.dot_general(xm, gm, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  else:  # g: [F..., N...]; x: [F..., K...]; w: [K..., N...].
+    free_w = tuple(range(contract, wc.ndim))
+    g_out = tuple(range(free_x, g.ndim))
+    dx = lax.dot_general(g, wc, ((g_out, free_w), ((), ())), preferred_element_type=jnp.float32)
+    dw = lax.dot_general(xc, g, ((tuple(range(free_x)),) * 2, ((), ())),
+                         preferred_element_type=jnp.float32)
   return dx.astype(x_dtype).reshape(xc.shape), dw.astype(w_dtype).reshape(wc.shape)
 
 
@@ -96,4 +124,4 @@ def dot(x: Array, w: Array, *, contract: int = 1, dtype=None, out_dtype=None) ->
     y = lax.dot_general(x.astype(dtype), w.astype(dtype), _dims(x.ndim, contract))
     return y.astype(out_dtype)
   return _low_precision_dot(x, w, contract, dtype, out_dtype, jnp.dtype(x.dtype),
-                            jnp.dtype(w.dtype))
+                            jnp.dtype(w.dtype), runtime.xla_cpu())

@@ -12,17 +12,71 @@ returns them to the system when freed, so the kernel faults in and zeroes every 
 large buffer at every step. :func:`tune_host_allocator` makes glibc keep freed memory for reuse
 instead, as the caching allocators of other frameworks do (``bench/train_step.py`` measures the
 effect). The resident memory then stays at its peak rather than shrinking between steps.
+On a GPU or TPU those buffers live in the accelerator's memory (JAX's own allocator already
+reuses it), so the settings would only keep the host memory at its peak: they are applied only
+when the process computes on the CPU (:func:`computes_on_host`).
+
+**Backend.** A few of jkd's code paths exist for XLA:CPU alone: the decode step's transposed
+weights and optimization barriers (:mod:`jkd.sampling.decode`), the 2-D products of
+:mod:`jkd.precision` and the host allocator. :func:`xla_cpu` chooses them at trace time; on a
+GPU or TPU the plain forms run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import os
 import sys
 
-#: Environment variable: ``system`` (or ``0``, ``off``) keeps glibc's default allocator settings.
+#: Environment variable: ``system`` (or ``0``, ``off``) keeps glibc's default allocator settings;
+#: ``reuse`` applies :func:`tune_host_allocator`'s settings even when the process computes on an
+#: accelerator; unset (or ``auto``), they are applied when it computes on the CPU.
 ALLOCATOR_ENV = "JKD_HOST_ALLOCATOR"
+
+#: Device files of the accelerators that JAX computes on when its plugin for them is installed:
+#: ``(module of the plugin, device files)`` (NVIDIA, WSL2 and AMD GPUs; TPU VMs, v4 and v5+).
+ACCELERATOR_FILES = (
+    ("jax_plugins", ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")),
+    ("libtpu", ("/dev/accel0", "/dev/vfio/0")),
+)
+
+
+def backend() -> str:
+  """JAX's default backend, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (starts the backends if needed)."""
+  import jax  # noqa: PLC0415  (jkd.runtime is imported first by the entry points; keep it light)
+  return jax.default_backend()
+
+
+def xla_cpu() -> bool:
+  """Whether code traced now is compiled for XLA:CPU: the default backend is the CPU.
+
+  jkd's XLA:CPU-only forms (:mod:`jkd.sampling.decode`'s ``[out, in]`` weights and optimization
+  barriers, :mod:`jkd.precision`'s 2-D products) are chosen with it at trace time, so a GPU or
+  TPU run compiles the plain forms, which give the same numbers (up to the order of float
+  sums). Computations that a GPU or TPU process places on its CPU devices take the plain forms
+  too: correct, only not the fastest ones there.
+  """
+  return backend() == "cpu"
+
+
+def computes_on_host() -> bool:
+  """Whether this process's JAX computations will run on the CPU, decided without starting a
+  JAX backend (``jax.distributed.initialize`` must come before that).
+
+  The first platform of ``JAX_PLATFORMS`` decides when it is set (``cpu``: yes; ``cuda``,
+  ``tpu``, ...: no). Otherwise JAX picks an accelerator when its plugin is installed and the
+  device is there (:data:`ACCELERATOR_FILES`): the test extra's libtpu alone, on a machine with
+  no TPU, still computes on the CPU.
+  """
+  platforms = (os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME") or "")
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  for module, files in ACCELERATOR_FILES:
+    if any(os.path.exists(f) for f in files) and importlib.util.find_spec(module) is not None:
+      return False
+  return True
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -36,13 +90,17 @@ def tune_host_allocator() -> bool:
   Sets, through ``mallopt(3)``: one malloc arena (the threads of XLA's pool allocate from the
   same heap that Python's thread frees into), no ``mmap`` for large blocks, and no trimming of
   the heap. Call it before the first large allocation (jkd's ``python -m`` entry points call it
-  first); it affects the whole process. Does nothing (returns ``False``) off Linux/glibc or when
-  :data:`ALLOCATOR_ENV` is ``system``.
+  first); it affects the whole process. Does nothing (returns ``False``) off Linux/glibc, when
+  the process computes on a GPU or TPU (:func:`computes_on_host`; :data:`ALLOCATOR_ENV` ``reuse``
+  applies the settings all the same) or when :data:`ALLOCATOR_ENV` is ``system``.
 
   Returns:
     Whether the settings were applied.
   """
-  if os.environ.get(ALLOCATOR_ENV, "").strip().lower() in ("system", "0", "off", "false"):
+  setting = os.environ.get(ALLOCATOR_ENV, "").strip().lower()
+  if setting in ("system", "0", "off", "false"):
+    return False
+  if setting != "reuse" and not computes_on_host():
     return False
   if not sys.platform.startswith("linux"):
     return False
@@ -75,7 +133,8 @@ def quiet_libraries() -> None:
 
 
 def prepare_process() -> None:
-  """What every jkd entry point applies first: :func:`quiet_libraries`, :func:`tune_host_allocator`."""
+  """What every jkd entry point applies first: :func:`quiet_libraries`, :func:`tune_host_allocator`
+  (which applies its settings only when the process computes on the CPU)."""
   quiet_libraries()
   tune_host_allocator()
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import partitioning
+from jkd import partitioning, runtime
 from jkd.models import transformer
 from jkd.models.config import ModelConfig
 from jkd.sampling.decode import decode_step, from_model_cache, prepare_head, prepare_layers
@@ -310,16 +310,18 @@ def _build(config: ModelConfig, cache_len: int, max_new_tokens: int, return_logi
       state["logits"] = jnp.zeros((b, n, config.vocab_size), jnp.float32)
     tok, lp = choose(logits, 0)
     state = record(state, jnp.int32(0), tok, lp, logits, pad_id, stops)
-    # Per-layer [out, in] weights, copied once per call; the barrier keeps them materialised in
-    # that layout (XLA would otherwise fold the transposes back into the products).
-    layers, head_t = jax.lax.optimization_barrier(
-        (prepare_layers(params, config), prepare_head(params, config)))
+    # Per-layer weights, copied once per call (jkd.sampling.decode). On XLA:CPU they are [out,
+    # in] and a barrier keeps them materialised in that layout (XLA would otherwise fold the
+    # transposes back into the products); elsewhere they keep the model's layout, no barrier.
+    layers, head = prepare_layers(params, config), prepare_head(params, config)
+    if runtime.xla_cpu():
+      layers, head = jax.lax.optimization_barrier((layers, head))
 
     def cond(state):
       return (state["step"] < n) & ~jnp.all(state["done"])
 
     def body(state):
-      logits, cache = decode_step(params, layers, head_t, state["last"], state["cache"], config)
+      logits, cache = decode_step(params, layers, head, state["last"], state["cache"], config)
       tok, lp = choose(logits, state["step"])
       return record(dict(state, cache=cache), state["step"], tok, lp, logits, pad_id, stops)
 
@@ -416,7 +418,8 @@ def _program(config: ModelConfig, batch: int, prompt_len: int, cache_len: int,
               use_top_p=not greedy and top_p < 1.0, use_min_p=not greedy and min_p > 0.0)
   cache_key = (config, batch, prompt_len, cache_len, max_new_tokens, bool(return_logits),
                tuple(sorted(opts.items())),
-               partitioning.context_key())  # Traced with that mesh's constraints, if any.
+               partitioning.context_key(),  # Traced with that mesh's constraints, if any,
+               runtime.xla_cpu())  # and with the decode step's forms for this backend.
   return _jitted(cache_key, config=config, cache_len=cache_len, max_new_tokens=max_new_tokens,
                  return_logits=bool(return_logits), **opts)
 
