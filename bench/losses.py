@@ -23,7 +23,9 @@ import numpy as np
 from jkd import losses
 
 
-def _fns(divergence: str, chunk_size: int):
+def forms(divergence: str, chunk_size: int):
+  """``{"fused": ..., "unfused": ...}``: jitted loss + gradient (student hidden and head) of
+  ``(hs, ws, ht, wt)``, ``[N, H], [H, V]`` each for student and teacher."""
   def fused(hs, ws, ht, wt):
     return losses.fused_linear_divergence(hs, ws, ht, wt, divergence=divergence,
                                           chunk_size=chunk_size)[0]
@@ -37,7 +39,7 @@ def _fns(divergence: str, chunk_size: int):
   return {"fused": grad(fused), "unfused": grad(unfused)}
 
 
-def _shapes(n, h, v, dtype):
+def shapes(n, h, v, dtype):
   s = jax.ShapeDtypeStruct
   return s((n, h), dtype), s((h, v), dtype), s((n, h), dtype), s((h, v), dtype)
 
@@ -48,9 +50,9 @@ def memory(n, h, v, dtype, divergence, chunk_size, device=None):
   out = {}
   place = (lambda s: s) if device is None else (lambda s: jax.ShapeDtypeStruct(
       s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)))
-  for name, fn in _fns(divergence, chunk_size).items():
-    shapes = [place(s) for s in _shapes(n, h, v, dtype)]
-    m = fn.lower(*shapes).compile().memory_analysis()
+  for name, fn in forms(divergence, chunk_size).items():
+    structs = [place(s) for s in shapes(n, h, v, dtype)]
+    m = fn.lower(*structs).compile().memory_analysis()
     out[name] = m.temp_size_in_bytes
   return out
 
@@ -74,8 +76,8 @@ def tpu_memory(chip: str, divergence: str, chunk_sizes) -> list[dict]:
 def timing(n, h, v, dtype, divergence, chunk_size, repeats):
   keys = jax.random.split(jax.random.key(0), 4)
   args = [jax.random.normal(k, s.shape, s.dtype) * (0.05 if i % 2 else 1.0)
-          for i, (k, s) in enumerate(zip(keys, _shapes(n, h, v, dtype)))]
-  fns = _fns(divergence, chunk_size)
+          for i, (k, s) in enumerate(zip(keys, shapes(n, h, v, dtype)))]
+  fns = forms(divergence, chunk_size)
   compiled = {name: fn.lower(*args).compile() for name, fn in fns.items()}
   times = {name: [] for name in fns}
   values = {}

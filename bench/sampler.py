@@ -71,6 +71,7 @@ def jkd_runner(params, config, prompts, new_tokens, bucket):
 
 
 def hf_runner(model, prompts, new_tokens, threads):
+  """transformers' greedy ``generate`` on ``model``'s device (``threads``: torch's CPU threads)."""
   import torch  # the benchmark's reference only
   width = max(len(p) for p in prompts)
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -78,13 +79,14 @@ def hf_runner(model, prompts, new_tokens, threads):
   for i, p in enumerate(prompts):  # left padding, as jkd does
     ids[i, width - len(p):] = torch.tensor(p)
     mask[i, width - len(p):] = 1
+  ids, mask = ids.to(model.device), mask.to(model.device)
 
   def run():
     torch.set_num_threads(threads)
     with torch.inference_mode():
       out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, width:].numpy()
+    return out[:, width:].cpu().numpy()
   return run
 
 
@@ -92,20 +94,20 @@ def matmul_only_seconds(params, config, batch: int, repeats: int = 10) -> float:
   """Time of the matrix products of one decode step alone (best of ``repeats``), in the form
   the decode step uses (:func:`jkd.sampling.decode.dense` on its prepared weights)."""
   layers = jax.jit(lambda p: decode.prepare_layers(p, config))(params)
-  head_t = jax.jit(lambda p: decode.prepare_head(p, config))(params)
+  head = jax.jit(lambda p: decode.prepare_head(p, config))(params)
   hidden, attn = config.hidden_size, config.num_heads * config.dim_per_head
   f32 = jnp.float32
 
   @jax.jit
-  def products(layers, head_t, x, a):
+  def products(layers, head, x, a):
     out = []
     for layer in layers:
-      y = decode.dense(x, layer["gate_up_t"], f32)
-      out += [decode.dense(x, layer["qkv_t"], f32), decode.dense(a, layer["o_t"], f32),
-              decode.dense(y[:, :config.intermediate_size], layer["down_t"], f32)]
-    return out + [decode.dense(x, head_t, f32)]
+      y = decode.dense(x, layer["gate_up"], f32)
+      out += [decode.dense(x, layer["qkv"], f32), decode.dense(a, layer["o"], f32),
+              decode.dense(y[:, :config.intermediate_size], layer["down"], f32)]
+    return out + [decode.dense(x, head, f32)]
 
-  args = (layers, head_t, jnp.ones((batch, hidden)), jnp.ones((batch, attn)))
+  args = (layers, head, jnp.ones((batch, hidden)), jnp.ones((batch, attn)))
   jax.block_until_ready(products(*args))
   return min(timed(lambda: jax.block_until_ready(products(*args)))[0] for _ in range(repeats))
 

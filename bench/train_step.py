@@ -87,12 +87,19 @@ def jkd_step(tcfg, tparams, batch_np, lr, *, fused=False, precision="float32"):
   return scfg, state, run, mem
 
 
-def torch_step(gguf_path, tcfg, batch_np, lr, precision="float32"):
+def torch_step(model_path, tcfg, batch_np, lr, precision="float32", device="cpu"):
+  """The PyTorch loop's step: ``run(_) -> (None, loss)``.
+
+  ``model_path``: the teacher's GGUF file or Hugging Face directory; ``device``: where PyTorch
+  runs (``"cpu"``, ``"cuda"``; bench/device_check.py runs it on the GPU).
+  """
   import torch
   import transformers
+  where = ({"pretrained_model_name_or_path": model_path} if os.path.isdir(model_path) else
+           {"pretrained_model_name_or_path": os.path.dirname(model_path),
+            "gguf_file": os.path.basename(model_path)})
   teacher = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-      torch_dtype=torch.float32).eval()
+      **where, torch_dtype=torch.float32).eval()
   cfg = teacher.config.to_dict()
   keep = models.layers_every(tcfg.num_layers, 5)
   scfg = transformers.LlamaConfig(**{**cfg, "num_hidden_layers": len(keep)})
@@ -107,16 +114,17 @@ def torch_step(gguf_path, tcfg, batch_np, lr, precision="float32"):
     else:
       new[k] = v.clone()
   student.load_state_dict(new, strict=False)
-  student.train()
+  teacher.to(device)
+  student.to(device).train()
   opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-  tokens = torch.tensor(batch_np["tokens"])
-  labels = torch.tensor(batch_np["labels"])
+  tokens = torch.tensor(batch_np["tokens"], device=device)
+  labels = torch.tensor(batch_np["labels"], device=device)
   mask = labels != -100
 
   def gjsd(student_logits, teacher_logits, beta=0.5):  # TRL's generalized_jsd_loss formula.
     s = torch.log_softmax(student_logits, -1)
     t = torch.log_softmax(teacher_logits, -1)
-    b = torch.tensor(beta)
+    b = torch.tensor(beta, device=device)
     m = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), 0)
     kl_t = torch.nn.functional.kl_div(m, t, reduction="none", log_target=True)
     kl_s = torch.nn.functional.kl_div(m, s, reduction="none", log_target=True)
@@ -130,7 +138,7 @@ def torch_step(gguf_path, tcfg, batch_np, lr, precision="float32"):
   def run(_):
     with torch.no_grad():
       t_logits = teacher(tokens).logits.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low):
       s_logits = student(tokens).logits
     loss = gjsd(s_logits.float(), t_logits)
     opt.zero_grad(set_to_none=True)

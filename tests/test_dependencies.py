@@ -5,9 +5,10 @@ counts too. Each top-level module outside the standard library is mapped to its 
 (``importlib.metadata.packages_distributions``), which must be declared in ``pyproject.toml``:
 the library core (``jkd.losses``, ``jkd.models``, ``jkd.sampling``) in ``dependencies``, the rest
 of ``jkd/`` there or in the ``train`` extra, the tests there or in ``test``, the benchmarks and
-``scripts/`` there or in ``bench``. A package that jkd
-reaches through a feature of another library (jinja2 for transformers' chat templates) cannot
-be found by reading imports: :data:`FEATURE_DEPENDENCIES` names them.
+``scripts/`` there or in ``bench`` (or, for a benchmark that uses it only when it is installed,
+in :data:`OPTIONAL_BENCH_MODULES`). A package that jkd reaches through a feature of another
+library (jinja2 for transformers' chat templates) cannot be found by reading imports:
+:data:`FEATURE_DEPENDENCIES` names them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ CORE_PATHS = ("jkd/__init__.py", "jkd/precision.py", "jkd/runtime.py", "jkd/loss
 #: Distributions that jkd needs through another library's feature, never by importing them.
 FEATURE_DEPENDENCIES = {
     "jinja2": ("train", "transformers' tokenizer.apply_chat_template (jkd.data.corpus)"),
+}
+
+#: Modules a benchmark uses only when they happen to be installed (imported under
+#: ``try/except ImportError``, reported as skipped otherwise), declared by no extra.
+OPTIONAL_BENCH_MODULES = {
+    "liger_kernel": "bench/device_check.py measures Liger-Kernel's fused linear JSD beside jkd's"
+                    " where it installs (a CUDA GPU; bench/device_check.sh tries, best effort)",
 }
 
 #: Modules the core must not import (they come with the ``train`` extra, or are slow to load).
@@ -169,6 +177,8 @@ def test_bench_and_script_imports_are_declared():
   if "torch" not in distributions:  # torch is not installed by the test extra
     assert "torch" in groups["bench"]
     modules.pop("torch")
+  for module in OPTIONAL_BENCH_MODULES:
+    assert all(f.startswith("bench/") for f in modules.pop(module, [])), module
   assert undeclared(modules, allowed) == []
 
 

@@ -400,10 +400,14 @@ for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) "$@" || exit
 done
 """)
-  report_python(bindir / "python")
+  # python: the job's GPU check (`python -c ...`) gets $JAX_BACKEND_STUB, the tasks report.
+  report_python(bindir / "python-report")
+  script(bindir / "python", '#!/bin/sh\n[ "$1" = -c ] && { echo "$JAX_BACKEND_STUB"; exit 0; }\n'
+         'exec "$(dirname "$0")/python-report" "$@"\n')
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "JAX_", "CUDA_")) and k not in ("CONFIG", "WORKDIR")}
   env.update(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="1234",
+             JAX_BACKEND_STUB="gpu",
              SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="2(x2)",
              SLURM_SUBMIT_DIR=str(ROOT), SRUN_OPTIONS=str(tmp_path / "srun_options"))
   env.pop("PYTHON", None)
@@ -456,3 +460,18 @@ def test_slurm_usage(slurm, tmp_path):
   assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
   proc = sbatch("configs/nope.py", str(tmp_path / "w"), env=slurm, cwd=tmp_path)
   assert proc.returncode == 2 and "config 'configs/nope.py' not found in" in proc.stderr
+
+
+def test_slurm_stops_when_jax_sees_no_gpu(slurm, tmp_path):
+  # jkd installed without its cuda extra: JAX computes on the CPU. The job stops before srun,
+  # naming the install; JKD_GPU_CHECK=0 starts the tasks all the same.
+  workdir = tmp_path / "run"
+  proc = sbatch(CONFIG, str(workdir), env=dict(slurm, JAX_BACKEND_STUB="cpu"), cwd=tmp_path)
+  assert proc.returncode == 3
+  assert "JAX computes on 'cpu', not on a GPU" in proc.stderr
+  assert "pip install -e '.[cuda]'" in proc.stderr
+  assert not (tmp_path / "srun_options").exists()
+  proc = sbatch(CONFIG, str(workdir), env=dict(slurm, JAX_BACKEND_STUB="cpu", JKD_GPU_CHECK="0"),
+                cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert len(ranks(workdir)) == 4
