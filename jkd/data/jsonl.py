@@ -210,8 +210,8 @@ def read_text_lines(path: str) -> Iterator[tuple[int, str]]:
         yield lineno, line
 
 
-def _lines(path: str) -> Iterator[tuple[str, Any]]:
-  """``(where, parsed record)`` for every non-blank line."""
+def records(path: str) -> Iterator[tuple[str, Any]]:
+  """``("file:line", parsed record)`` for every non-blank line of the JSONL file ``path``."""
   for i, line in read_text_lines(path):
     if not line.strip():
       continue
@@ -224,7 +224,7 @@ def _lines(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _first_keys(path: str) -> tuple[str, Any]:
-  for where, record in _lines(path):
+  for where, record in records(path):
     if not isinstance(record, dict):
       raise ValueError(f"{where}: a line must be a JSON object, got {type(record).__name__}.")
     return where, record
@@ -236,7 +236,7 @@ def _scan(files: Sequence[str], shape: str) -> tuple[list[int], dict[str, bool]]
   counts, kinds = [], {}
   for path in files:
     n = 0
-    for where, record in _lines(path):
+    for where, record in records(path):
       validate_line(record, shape, where)
       for f in SHAPES[shape].messages:
         is_list = isinstance(record[f], list)
@@ -252,7 +252,7 @@ def _scan(files: Sequence[str], shape: str) -> tuple[list[int], dict[str, bool]]
 def _examples(files: Sequence[str], shape: str, keep) -> Iterator[dict[str, str]]:
   i = 0
   for path in files:
-    for where, record in _lines(path):
+    for where, record in records(path):
       if keep(i):
         yield validate_line(record, shape, where)
       i += 1

@@ -34,7 +34,6 @@ Preference Optimization for Long-chain Reasoning of LLMs*, arXiv:2406.18629, 202
 
 from __future__ import annotations
 
-import json
 import numbers
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -395,15 +394,7 @@ def jsonl_records(paths: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
   """``("file:line", record)`` of every non-blank line of the JSONL files ``paths`` (paths,
   globs, or one comma-separated string of them)."""
   for path in jsonl.expand_paths(jsonl.split_paths(paths) if isinstance(paths, str) else paths):
-    for lineno, line in jsonl.read_text_lines(path):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        yield where, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must"
-                         " be one JSON object.") from None
+    yield from jsonl.records(path)
 
 
 def read_ranked_jsonl(paths: str | Sequence[str], tokenizer, *, seq_len: int,
